@@ -1,0 +1,5 @@
+"""Placeholder: being written (see issues)."""
+
+
+def register_cli(sub) -> None:
+    pass
