@@ -10,6 +10,7 @@ Carrying (sum, count) lets gradient accumulation, evaluation and metrics aggrega
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Optional
 
 import mlx.core as mx
@@ -42,10 +43,12 @@ def chunked_ce_sum(
     chunk = chunk_size or chunk_size_for(vocab_size)
     if N <= chunk:
         return _ce_sum(project, h, t, m)
-    fn = mx.checkpoint(lambda hh, tt, mm: _ce_sum(project, hh, tt, mm))
     total = mx.array(0.0, dtype=mx.float32)
     for s in range(0, N, chunk):
-        total = total + fn(h[s : s + chunk], t[s : s + chunk], m[s : s + chunk])
+        # targets and mask are bound (not passed) so the checkpoint takes no gradient through integer indices;
+        # bind by value: a late-bound closure would recompute every chunk with the last chunk's targets.
+        fn = partial(_ce_sum, project, targets=t[s : s + chunk], mask=m[s : s + chunk])
+        total = total + mx.checkpoint(fn)(h[s : s + chunk])
     return total
 
 
