@@ -86,7 +86,7 @@ class DataConfig:
     format: str = "auto"
     "auto, alpaca, sharegpt, messages, completions or text."
     template: str = "auto"
-    "auto (the tokenizer's chat template, else alpaca for Alpaca data), alpaca, chatml, llama3, or tokenizer."
+    "auto (alpaca for Alpaca data, else the tokenizer's chat template), tokenizer, alpaca, chatml, llama3, or a .jinja file."
     system_prompt: Optional[str] = None
     "A system prompt added to conversations that have none (null: the template's default)."
     max_length: int = 2048
@@ -99,8 +99,18 @@ class DataConfig:
     "error: stop at the first malformed line; skip: drop it and report counts by reason."
     shuffle: bool = True
     "Shuffle the order of batches every epoch (seeded by train.seed)."
+    on_too_long: str = "truncate"
+    "truncate: cut examples longer than max_length (counted and reported); error: treat them as bad lines."
+    cache: bool = True
+    "Cache tokenized files in $MLXTUNE_CACHE/data (default ~/.cache/mlxtune/data), keyed by content and settings."
 
     def __post_init__(self):
+        if self.on_too_long not in ("truncate", "error"):
+            raise ConfigError(f"data.on_too_long: {self.on_too_long!r} is not one of truncate, error")
+        templates = ("auto", "tokenizer", "alpaca", "chatml", "llama3")
+        if self.template not in templates and not self.template.endswith((".jinja", ".j2")):
+            raise ConfigError(f"data.template: {self.template!r} is not one of {', '.join(templates)} or a .jinja file"
+                              f"{did_you_mean(self.template, templates)}")
         if not 0 <= self.val_split < 1:
             raise ConfigError(f"data.val_split: must be in [0, 1), got {self.val_split}")
         if self.max_length < 2:
