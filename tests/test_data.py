@@ -1,0 +1,277 @@
+"""Data loading: sources (JSONL, JSON list, Parquet, dirs, hub ids), format detection, splits, bad lines
+(one error naming file and line, or counts by reason), truncation, the tokenization cache, and the
+`mlxtune data inspect|convert` commands. Offline; the real Llama 3 tokenizer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from mlxtune import data as D
+from mlxtune.config import DataConfig
+from mlxtune.errors import ConfigError, DataError
+
+CONV = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+GOOD = json.dumps({"messages": CONV})
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLXTUNE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def tok(llama3_tokenizer):
+    return llama3_tokenizer
+
+
+def write(path: Path, lines: list[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def load(path, tok, **cfg):
+    cfg.setdefault("val_split", 0.0)
+    return D.load_splits(DataConfig(train=str(path), **cfg), tok, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sources and splits
+
+
+def test_alpaca_seed_dir(alpaca_seed_dir, tok):
+    s = load(alpaca_seed_dir, tok)
+    assert (len(s.train), len(s.valid), len(s.test)) == (139, 18, 18)
+    assert s.info["train"]["format"] == "alpaca" and s.info["train"]["template"] == "alpaca"
+    assert all(e.ids[0] == tok.bos_token_id and e.ids[-1] == tok.eos_token_id and e.mask[-1] == 1 for e in s.train)
+    train, valid, test = s  # unpacks
+    assert train is s.train and "139 examples" in s.summary()
+
+
+def test_val_split_seeded_disjoint_complete(tmp_path, tok):
+    path = write(tmp_path / "d.jsonl", [json.dumps({"prompt": f"Q{i}", "completion": f"A{i}"}) for i in range(40)])
+    full = load(path, tok).train
+    a = D.load_splits(DataConfig(train=str(path), val_split=0.25), tok, seed=1)
+    b = D.load_splits(DataConfig(train=str(path), val_split=0.25), tok, seed=1)
+    c = D.load_splits(DataConfig(train=str(path), val_split=0.25), tok, seed=2)
+    assert len(a.valid) == 10 and len(a.train) == 30
+    assert a.valid == b.valid and a.train == b.train
+    assert a.valid != c.valid
+    assert sorted(map(tuple, (e.ids for e in a.train + a.valid))) == sorted(tuple(e.ids) for e in full)
+    assert a.info["valid"]["source"].startswith("0.25 of train")
+
+
+def test_json_list_parquet_and_dir_names(tmp_path, tok):
+    recs = [{"instruction": f"Say {i}", "input": "", "output": str(i)} for i in range(5)]
+    jl = write(tmp_path / "a.jsonl", [json.dumps(r) for r in recs])
+    js = tmp_path / "a.json"
+    js.write_text(json.dumps(recs, indent=2))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pqf = tmp_path / "a.parquet"
+    pq.write_table(pa.Table.from_pylist(recs), pqf)
+    ref = load(jl, tok).train
+    assert load(js, tok).train == ref and load(pqf, tok).train == ref
+    d = tmp_path / "ds"
+    write(d / "train.jsonl", [json.dumps(r) for r in recs])
+    pq.write_table(pa.Table.from_pylist(recs[:2]), d / "validation.parquet")
+    js2 = d / "test.json"
+    js2.write_text(json.dumps(recs[:3]))
+    s = load(d, tok)
+    assert (len(s.train), len(s.valid), len(s.test)) == (5, 2, 3)
+    # explicit valid wins over the dir's, and a hub-style shard layout is found
+    shards = tmp_path / "hub" / "data"
+    write(shards / "train-00000-of-00002.jsonl", [json.dumps(r) for r in recs[:2]])
+    write(shards / "train-00001-of-00002.jsonl", [json.dumps(r) for r in recs[2:]])
+    s = D.load_splits(DataConfig(train=str(tmp_path / "hub"), valid=str(jl), val_split=0.0), tok)
+    assert s.train == ref and len(s.valid) == 5
+
+
+def test_missing_file_and_offline_hub(tmp_path, tok):
+    with pytest.raises(DataError, match=r"no such file"):
+        load(tmp_path / "nope.jsonl", tok)
+    with pytest.raises(DataError, match=r"hub is unreachable.*local"):
+        load("someone/some-dataset-that-is-not-here", tok)
+    with pytest.raises(DataError, match="data.train is not set"):
+        D.load_splits(DataConfig(), tok)
+
+
+def test_format_override_and_detection(tmp_path, tok):
+    path = write(tmp_path / "t.jsonl", ['{"text": "hello there"}', GOOD])
+    s = load(path, tok, on_bad_line="skip")  # detected from the first record: text
+    assert s.info["train"]["format"] == "text" and s.info["train"]["skipped"] == {"missing field": 1}
+    s = load(path, tok, format="messages", on_bad_line="skip")
+    assert s.info["train"]["format"] == "messages" and len(s.train) == 1
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="did you mean"):
+        DataConfig(template="chatlm")
+    with pytest.raises(ConfigError):
+        DataConfig(on_too_long="cut")
+    assert DataConfig(template="my.jinja").template == "my.jinja"
+
+
+def test_custom_template_file_and_missing_chat_template(tmp_path, tok, qwen_tokenizer):
+    t = tmp_path / "t.jinja"
+    t.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if m['role'] == 'assistant' %}"
+                 "{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    ex = D.encode_conversation(CONV, tok, template=str(t))
+    assert tok.decode(ex.ids) == "user: Hi\nassistant: Hello!<|eot_id|>\n"
+    # "assistant: " + "Hello!": the token " Hello" straddles the boundary; it overlaps the reply, so it is trained
+    assert tok.decode([i for i, m in zip(ex.ids, ex.mask) if m]) == " Hello!<|eot_id|>"
+    with pytest.raises(DataError, match="writes <|eot_id|>"):
+        D.encode_conversation(CONV, qwen_tokenizer, template="llama3")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad lines
+
+
+BAD_CASES = {
+    "invalid JSON": ('{"messages": [', "not valid JSON"),
+    "not an object": ("[1, 2]", "expected a JSON object"),
+    "wrong type": (json.dumps({"messages": [{"role": "user", "content": 5}, CONV[1]]}), "content must be a string"),
+    "unknown role": (json.dumps({"messages": [{"role": "bot", "content": "x"}, CONV[1]]}), 'unknown role "bot" in messages[0]; use system, user, assistant'),
+    "empty conversation": (json.dumps({"messages": []}), "messages is empty"),
+    "no assistant turn": (json.dumps({"messages": CONV[:1]}), "no assistant turn"),
+    "format mismatch": (json.dumps({"instruction": "x", "output": "y"}), "missing field 'messages' (this record looks like alpaca"),
+    "content missing": (json.dumps({"messages": [{"role": "user"}, CONV[1]]}), "messages[0] has no content"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_bad_line_one_error_with_file_and_line(tmp_path, tok, case):
+    bad, expect = BAD_CASES[case]
+    path = write(tmp_path / "data" / "train.jsonl", [GOOD, "", bad, GOOD])  # blank line 2 is ignored; bad is line 3
+    with pytest.raises(DataError) as e:
+        load(path, tok)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}:3: ") and expect in msg and "data.on_bad_line: skip" in msg and "\n" not in msg
+
+
+def test_bad_alpaca_missing_output_and_json_list_line(tmp_path, tok):
+    path = write(tmp_path / "a.jsonl", [json.dumps({"instruction": "a", "input": "", "output": "b"}),
+                                        json.dumps({"instruction": "a", "input": "b"})])
+    with pytest.raises(DataError, match=rf"^{path}:2: missing field 'output'; alpaca records need instruction"):
+        load(path, tok)
+    js = tmp_path / "b.json"
+    js.write_text('[\n  {"messages": ' + json.dumps(CONV) + '},\n\n  {"messages": [{"role": "robot", "content": "x"}]}\n]')
+    with pytest.raises(DataError, match=rf"^{js}:4: unknown role"):
+        load(js, tok)
+    broken = tmp_path / "c.json"
+    broken.write_text('[\n {"text": "a"},\n {"text": "b",,}\n]')
+    with pytest.raises(DataError, match=rf"^{broken}:3: not valid JSON"):
+        load(broken, tok)
+
+
+def test_first_bad_line_reported_even_if_found_late(tmp_path, tok):
+    # line 2 fails only at tokenization (too long), line 3 already at parsing: line 2 is reported
+    path = write(tmp_path / "t.jsonl", [GOOD, json.dumps({"messages": [CONV[0], {"role": "assistant", "content": "x " * 300}]}), "{"])
+    with pytest.raises(DataError, match=rf"^{path}:2: .*more than data.max_length=64.*\(1 more bad record in this file\)"):
+        load(path, tok, max_length=64, on_too_long="error")
+
+
+def test_skip_mode_counts_by_reason(tmp_path, tok, caplog):
+    lines = [GOOD, "{", json.dumps({"messages": [{"role": "bot", "content": "x"}, CONV[1]]}), GOOD,
+             json.dumps({"messages": [{"role": "tool", "content": "x"}, CONV[1]]}), json.dumps({"messages": CONV[:1]}), GOOD]
+    path = write(tmp_path / "train.jsonl", lines)
+    with caplog.at_level(logging.WARNING, logger="mlxtune.data"):
+        s = load(path, tok, on_bad_line="skip")
+    assert len(s.train) == 3
+    assert s.info["train"]["skipped"] == {"unknown role": 2, "invalid JSON": 1, "no assistant turn": 1}
+    warning = caplog.text
+    assert f"{path}: skipped 4 of 7 records: 2 unknown role (line 3, line 5), 1 invalid JSON (line 2), 1 no assistant turn (line 6)" in warning
+    # cached: the warning is repeated, not silently dropped
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mlxtune.data"):
+        s2 = load(path, tok, on_bad_line="skip")
+    assert s2.info["train"]["cached"] and "skipped 4 of 7" in caplog.text and s2.train == s.train
+
+
+def test_empty_dataset_is_an_error(tmp_path, tok):
+    with pytest.raises(DataError, match="no records"):
+        load(write(tmp_path / "e.jsonl", [""]), tok)
+    path = write(tmp_path / "b.jsonl", ["{", json.dumps({"messages": []})])
+    with pytest.raises(DataError, match=r"no usable examples \(1 empty conversation \(line 2\), 1 invalid JSON \(line 1\)\)"):
+        load(path, tok, on_bad_line="skip")
+
+
+def test_truncation_counted_and_prompt_filling_window(tmp_path, tok, caplog):
+    long_answer = {"messages": [CONV[0], {"role": "assistant", "content": "word " * 200}]}
+    long_prompt = {"messages": [{"role": "user", "content": "word " * 200}, CONV[1]]}
+    path = write(tmp_path / "t.jsonl", [GOOD, json.dumps(long_answer), GOOD])
+    with caplog.at_level(logging.WARNING, logger="mlxtune.data"):
+        s = load(path, tok, max_length=64)
+    assert [len(e.ids) for e in s.train][1] == 64 and s.info["train"]["truncated"] == 1
+    assert "truncated 1 of 3 examples to data.max_length=64" in caplog.text
+    path = write(tmp_path / "p.jsonl", [GOOD, json.dumps(long_prompt)])
+    with pytest.raises(DataError, match=rf"{path}:2: no trained token within the first data.max_length=64"):
+        load(path, tok, max_length=64)
+    assert len(load(path, tok, max_length=64, on_bad_line="skip").train) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cache
+
+
+def test_cache_hit_miss_and_corruption(tmp_path, tok, alpaca_seed_dir):
+    path = alpaca_seed_dir / "valid.jsonl"
+    a = load(path, tok)
+    assert not a.info["train"]["cached"]
+    entries = list(D.cache_dir().glob("*.npz"))
+    assert len(entries) == 1 and D.cache_dir() == tmp_path / "cache" / "data"
+    b = load(path, tok)
+    assert b.info["train"]["cached"] and b.train == a.train
+    assert not load(path, tok, max_length=1000).info["train"]["cached"]  # settings are part of the key
+    entries[0].write_bytes(b"\x00garbage")
+    c = load(path, tok)
+    assert not c.info["train"]["cached"] and c.train == a.train  # ignored and rebuilt
+    assert load(path, tok).info["train"]["cached"]
+    copy = write(tmp_path / "v.jsonl", path.read_text().splitlines()[:-1])  # content changed
+    assert not load(copy, tok).info["train"]["cached"]
+    assert not list(D.cache_dir().glob("*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mlxtune")
+    D.register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_inspect(alpaca_seed_dir, llama3_tokenizer_dir, capsys):
+    assert run_cli(["data", "inspect", str(alpaca_seed_dir / "train.jsonl"), "--tokenizer", str(llama3_tokenizer_dir),
+                    "--color", "never", "--max-length", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "format alpaca, template alpaca" in out
+    assert "### Response:\n[[" in out and "<|eot_id|>]]" in out and "[[### Instruction" not in out
+    assert "lengths (tokens): min" in out and "truncated to max_length=256: " in out
+    assert "padding at batch_size 4: packed" in out
+    assert run_cli(["data", "inspect", str(alpaca_seed_dir)]) == 0  # no tokenizer: records and character lengths
+    out = capsys.readouterr().out
+    assert "format alpaca" in out and '"role": "assistant"' in out and "--tokenizer" in out
+
+
+def test_cli_convert_roundtrip(tmp_path, alpaca_seed_dir, tok, capsys):
+    out = tmp_path / "out" / "msgs.jsonl"
+    assert run_cli(["data", "convert", str(alpaca_seed_dir / "valid.jsonl"), "--to", "messages", "--out", str(out)]) == 0
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert len(rows) == 18 and all(r["messages"][-1]["role"] == "assistant" for r in rows)
+    via_messages = load(out, tok, template="tokenizer").train
+    via_alpaca = load(alpaca_seed_dir / "valid.jsonl", tok, template="tokenizer").train
+    assert via_messages == via_alpaca
+    bad = write(tmp_path / "bad.jsonl", [GOOD, "{"])
+    with pytest.raises(DataError, match=rf"{bad}:2: not valid JSON"):
+        run_cli(["data", "convert", str(bad), "--out", str(tmp_path / "x.jsonl")])
+    assert not (tmp_path / "x.jsonl").exists()
