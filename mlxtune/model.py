@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from typing import Any, Optional
 
 import mlx.core as mx
@@ -183,6 +184,35 @@ def segment_mask(segment_ids: mx.array) -> mx.array:
     return (same & causal)[:, None]
 
 
+# Training on sequences longer than this computes attention a block of queries at a time (see chunked_attention).
+ATTENTION_CHUNK = 2048
+
+
+def chunked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask, chunk: int) -> mx.array:
+    """Causal attention a block of `chunk` queries at a time, each block under mx.checkpoint.
+
+    The backward pass of fused attention materializes the (H, L, L) scores; for one 8,192-token sequence of a
+    3B model that is several GB per layer. Blocks of queries bound it to (H, chunk, L), and causality lets
+    block i read only keys [0, end of block i). Same function, exactly: each query row sees the same keys.
+    q (B, H, L, hd), k/v (B, K, L, hd); mask "causal" or a boolean (B, 1, L, L) segment mask.
+    """
+    L = q.shape[2]
+    outs = []
+    for s in range(0, L, chunk):
+        e = min(s + chunk, L)
+        if isinstance(mask, mx.array):
+            m = mask[..., s:e, :e]
+            fn = partial(_attend, scale=scale, mask=m)
+        else:
+            fn = partial(_attend, scale=scale, mask="causal")
+        outs.append(mx.checkpoint(fn)(q[:, :, s:e], k[:, :, :e], v[:, :, :e]))
+    return mx.concatenate(outs, axis=2)
+
+
+def _attend(q, k, v, scale, mask):
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -195,6 +225,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(H * hd, D, bias=args.o_bias)
         # 1/inv_freq: the per-dimension wavelengths mx.fast.rope takes as `freqs`.
         self._freqs = 1.0 / rope_inv_freq(args)
+        mx.eval(self._freqs)  # a constant: never let a lazy graph ride along into every compiled step
 
     def _rope(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
         return mx.fast.rope(x, self.head_dim, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs)
@@ -215,6 +246,8 @@ class Attention(nn.Module):
             from mlx_lm.models.base import scaled_dot_product_attention
 
             o = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        elif self.training and L > ATTENTION_CHUNK and (mask is None or isinstance(mask, str) or mask.shape[-2] == L):
+            o = chunked_attention(q, k, v, self.scale, mask, ATTENTION_CHUNK)
         else:
             o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
@@ -285,6 +318,7 @@ class DecoderModel(nn.Module):
         self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self._inv_freq = rope_inv_freq(args)
+        mx.eval(self._inv_freq)
 
     def __call__(
         self, inputs: mx.array, cache=None, segment_ids=None, positions=None, grad_checkpoint=False, training=False
