@@ -241,15 +241,17 @@ def _llama3_factors(theta: float, head_dim: int, factor: float, low: float, high
 def _llama3_scaling_from_factors(factors: np.ndarray, config: dict, path: Path) -> dict:
     """Recover Llama 3's rope_scaling dict from the `rope_freqs.weight` divisors (it is not in the metadata).
 
-    The factor is the largest divisor; low/high frequency factors and the original context are checked against
-    the values every Llama 3.1/3.2/3.3 release uses; anything else is refused rather than guessed.
+    The factor is the largest divisor; the original context (a power of two) and the low/high frequency factors
+    are searched among the values Llama 3.x uses and checked against every divisor: a match reproduces the
+    file's frequencies exactly, anything else is refused rather than guessed.
     """
     factor = float(factors.max())
-    for low, high, old_ctx in ((1.0, 4.0, 8192), (1.0, 4.0, 4096), (1.0, 4.0, 16384), (1.0, 4.0, 2048)):
-        expected = _llama3_factors(config["rope_theta"], config["head_dim"], factor, low, high, old_ctx)
-        if expected.shape == factors.shape and np.allclose(expected, factors, rtol=1e-4):
-            return {"rope_type": "llama3", "factor": round(factor, 4), "low_freq_factor": low,
-                    "high_freq_factor": high, "original_max_position_embeddings": old_ctx}
+    for low, high in ((1.0, 4.0), (1.0, 2.0), (2.0, 4.0)):
+        for old_ctx in (2**k for k in range(8, 18)):
+            expected = _llama3_factors(config["rope_theta"], config["head_dim"], factor, low, high, old_ctx)
+            if expected.shape == factors.shape and np.allclose(expected, factors, rtol=1e-5):
+                return {"rope_type": "llama3", "factor": float(np.float32(factor)), "low_freq_factor": low,
+                        "high_freq_factor": high, "original_max_position_embeddings": old_ctx}
     raise ModelLoadError(f"{path}: rope_freqs.weight does not match Llama 3 rope scaling; this rope variant is not supported")
 
 
@@ -275,9 +277,9 @@ def _read_tensors(path: Path) -> tuple[dict, dict]:
             magic = f.read(4)
         if magic != b"GGUF":
             raise ModelLoadError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)") from None
-        if "gguf_tensor_to_f16" not in str(e) and "type" not in str(e).lower():
-            raise ModelLoadError(f"{path}: cannot read this GGUF file ({e}); it may be truncated — download it again") from None
-        return _read_with_gguf_py(path)
+        if "past the end" in str(e) or "incomplete" in str(e):
+            raise ModelLoadError(f"{path}: the GGUF file is truncated ({e}); download it again") from None
+        return _read_with_gguf_py(path)  # another tensor type (K-quants, Q5_x, ...)
     return dict(raw), {k: _plain(v) for k, v in metadata.items()}
 
 

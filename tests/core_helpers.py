@@ -150,3 +150,91 @@ def hf_to_gguf(hf_dir: Path, out: Path, qtype: str = "F32", tokens: list[str] | 
     w.write_tensors_to_file()
     w.close()
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cutting a real GGUF down to its first blocks, bytes untouched (a cheap input for transformers' GGUF loader)
+
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def _read_value(buf: bytes, pos: int, vtype: int):
+    import struct
+
+    if vtype in _SCALAR:
+        fmt = _SCALAR[vtype]
+        return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
+    if vtype == 8:  # string
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        return buf[pos + 8: pos + 8 + n].decode("utf-8", "replace"), pos + 8 + n
+    if vtype == 9:  # array
+        itype, n = struct.unpack_from("<IQ", buf, pos)
+        pos += 12
+        out = []
+        for _ in range(n):
+            v, pos = _read_value(buf, pos, itype)
+            out.append(v)
+        return out, pos
+    raise ValueError(f"unknown GGUF value type {vtype}")
+
+
+def read_gguf_layout(path: Path) -> tuple[dict, dict, int]:
+    """(metadata, {name: (ggml_type, dims fastest-first, offset)}, data_start), parsed from the header."""
+    import struct
+
+    buf = Path(path).read_bytes()
+    assert buf[:4] == b"GGUF"
+    _, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+    pos, meta = 24, {}
+    for _ in range(n_kv):
+        key, pos = _read_value(buf, pos, 8)
+        (vtype,) = struct.unpack_from("<I", buf, pos)
+        meta[key], pos = _read_value(buf, pos + 4, vtype)
+    tensors = {}
+    for _ in range(n_tensors):
+        name, pos = _read_value(buf, pos, 8)
+        (nd,) = struct.unpack_from("<I", buf, pos)
+        dims = struct.unpack_from(f"<{nd}Q", buf, pos + 4)
+        ttype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * nd)
+        pos += 4 + 8 * nd + 12
+        tensors[name] = (ttype, dims, offset)
+    align = meta.get("general.alignment", 32)
+    return meta, tensors, (pos + align - 1) // align * align
+
+
+def truncate_gguf(src: Path, dst: Path, n_layers: int) -> Path:
+    """Write `src`'s first `n_layers` blocks, embeddings, final norm and head to `dst`, the tensor bytes
+    copied verbatim, with only the architecture metadata (no token lists, so it parses in milliseconds)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
+
+    meta, tensors, data_start = read_gguf_layout(src)
+    arch = meta["general.architecture"]
+    w = GGUFWriter(str(dst), arch)
+    for key, value in meta.items():
+        if key.startswith(f"{arch}.") and not isinstance(value, list):
+            if key == f"{arch}.block_count":
+                value = n_layers
+            if isinstance(value, float):
+                w.add_float32(key, value)
+            else:
+                w.add_uint32(key, int(value))
+    if f"{arch}.vocab_size" not in meta:  # transformers reads the vocabulary size from here or the token list
+        w.add_uint32(f"{arch}.vocab_size", len(meta["tokenizer.ggml.tokens"]))
+    raw = np.memmap(src, dtype=np.uint8, mode="r")
+    for name, (ttype, dims, offset) in tensors.items():
+        if name.startswith("blk.") and int(name.split(".")[1]) >= n_layers:
+            continue
+        qt = GGMLQuantizationType(ttype)
+        block, type_size = GGML_QUANT_SIZES[qt]
+        rows = int(np.prod(dims[1:])) if len(dims) > 1 else 1
+        row_bytes = dims[0] // block * type_size
+        data = np.array(raw[data_start + offset: data_start + offset + rows * row_bytes]).reshape(rows, row_bytes)
+        if qt == GGMLQuantizationType.F32:
+            w.add_tensor(name, data.view(np.float32).reshape(tuple(reversed(dims))))
+        else:
+            w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
