@@ -10,7 +10,7 @@ Q4_0/Q4_1/Q8_0 tensors as MLX affine-quantized triples (`name.weight` uint32, `n
 group size 32). Those are dequantized in float32 (bit-exact with llama.cpp's own gguf-py) and cast to the
 requested dtype, or, with `keep_quantized=True`, kept as triples for `nn.QuantizedLinear` (QLoRA on the file's
 own quantization). Other tensor types (K-quants, Q5_x, ...) that MLX cannot read are dequantized with the
-`gguf` package (numpy; slower).
+`gguf` package (numpy; slower). MLX returns BF16 tensors as float16.
 
 llama.cpp's converter permutes the rows of the Llama Q and K projections (its RoPE pairs adjacent dimensions,
 Hugging Face's pairs halves); `unpermute_rows` undoes that. Qwen2 files are not permuted.

@@ -62,7 +62,8 @@ def load(
     tokenizer: bool = True,
     keep_quantized: bool = False,
 ) -> tuple[Model, Any]:
-    """Load a base model and its tokenizer; the model is in eval mode with `model.source` set.
+    """Load a base model and its tokenizer; the model is in eval mode with `model.source` set
+    (`{"path": absolute local path or the hub id, "fingerprint": fingerprint(weights as stored)}`).
 
     path: a local HF model dir, a `.gguf` file, or a hub id (`org/name`, fetched into the HF cache).
     adapter: an adapter dir or run dir to apply (see adapters.load_adapter).
@@ -120,9 +121,9 @@ def resolve_path(path: Union[str, os.PathLike]) -> Path:
     except Exception as e:  # offline, unknown repo, gated, network error
         reason = type(e).__name__
         raise ModelLoadError(
-            f"cannot get {s!r} from the Hugging Face hub (unreachable, offline, or no such repo: {reason}); "
-            f"download it where the hub is reachable (`hf download {s} --local-dir DIR`) and pass the local "
-            "dir: model.path=DIR"
+            f"{s!r} is not a local path, and it cannot be fetched from the Hugging Face hub (hub unreachable, "
+            f"offline, or no such repo: {reason}); download it where the hub is reachable "
+            f"(`hf download {s} --local-dir DIR`) and pass the local dir: model.path=DIR"
         ) from None
 
 
@@ -191,7 +192,7 @@ def _load_gguf(path: Path, dtype: Optional[str], keep_quantized: bool) -> tuple[
     if contents.quantization:
         _quantize_like(model, contents.quantization, contents.weights, path)
     weights = model.sanitize(contents.weights)
-    check_weights(model, weights, {k: path.name for k in weights}, path.parent)
+    check_weights(model, weights, {k: path.name for k in weights}, path)
     fp = fingerprint(weights, contents.quantization)
     model.load_weights(list(weights.items()), strict=True)
     return model, fp, contents.metadata

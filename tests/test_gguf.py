@@ -63,6 +63,16 @@ def test_qwen2_gguf_equals_transformers_gguf_loader(hf_dirs, ids, tmp_path, qtyp
     assert rel_err(ours, hf_logits(hf_dirs["qwen2"], ids)) <= QUANT_TOL[qtype]
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_gguf_saved_as_hf_dir_loads_in_transformers(hf_dirs, ids, tmp_path, family):
+    """GGUF → Hugging Face dir: the config built from GGUF metadata is one transformers reads correctly."""
+    from mlxtune.loading import save_model
+
+    model, _ = load(hf_to_gguf(hf_dirs[family], tmp_path / "m.gguf", "Q4_1"), dtype="float32", tokenizer=False)
+    out = save_model(model, None, tmp_path / "hf")
+    assert rel_err(hf_logits(out, ids), mlx_logits(model, ids)) <= RTOL
+
+
 def test_llama3_rope_scaling_from_rope_freqs(hf_dirs, tmp_path):
     """llama.cpp writes Llama 3's rope scaling as per-frequency divisors (rope_freqs.weight), not metadata."""
     import json
