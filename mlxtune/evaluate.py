@@ -565,7 +565,8 @@ def _chart_png(report: dict) -> bytes:
         d = t - b
         better = (d > 0) == hi if d != 0 else None
         ax.bar(["base", "tuned"], [b, t], color=["#9e9e9e", "#2e7d32" if better else ("#c62828" if better is False else "#9e9e9e")])
-        ax.set_title(f"{label}\n{d:+.3g} {'↑' if hi else '↓'} better", fontsize=9)
+        ax.set_title(f"{label}\n{d:+.3g} ({'higher' if hi else 'lower'} is better)", fontsize=9)
+        ax.set_ylim(0, 1.15 * max(b, t) if max(b, t) > 0 else 1)
         ax.tick_params(labelsize=8)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
