@@ -190,8 +190,7 @@ def dense_row(impl: str, cfg: dict, B: int, L: int, ckpt: bool, dtype, quantize=
 
         def one(x):
             x = mx.array(x)
-            st.micro(x[:, :-1], x[:, 1:], mask)
-            st.update()
+            st.micro(x[:, :-1], x[:, 1:], mask, update=True)
             mx.eval(st.state)
     else:
         model = build_mlx_lm(cfg, dtype, quantize, ckpt)
@@ -228,12 +227,20 @@ def recipe_row(impl: str, cfg: dict, lengths: list[int], max_len: int, ckpt: boo
         model = build_mlxtune(cfg, dtype, None, ckpt)
         st = mlxtune_step(model)
 
-        def run_micro(b):
-            seg = None if b.segment_ids is None else mx.array(b.segment_ids)
-            st.micro(mx.array(b.inputs), mx.array(b.targets), mx.array(b.loss_mask), seg)
+        pending = {"b": None}
+
+        def run_micro(b):  # hold one back so the step's last micro-batch runs fused with the update
+            if pending["b"] is not None:
+                p = pending["b"]
+                st.micro(mx.array(p.inputs), mx.array(p.targets), mx.array(p.loss_mask),
+                         None if p.segment_ids is None else mx.array(p.segment_ids))
+            pending["b"] = b
 
         def update():
-            st.update()
+            p = pending["b"]
+            st.micro(mx.array(p.inputs), mx.array(p.targets), mx.array(p.loss_mask),
+                     None if p.segment_ids is None else mx.array(p.segment_ids), update=True)
+            pending["b"] = None
             mx.eval(st.state)
 
         real = [int((b.segment_ids > 0).sum()) if b.segment_ids is not None else int(b.loss_mask.sum()) for b in batches]

@@ -198,6 +198,9 @@ def apply_lora(
     from mlx.utils import tree_unflatten
 
     model.update_modules(tree_unflatten(updates))
+    inner = getattr(model, "model", None)
+    if dropout > 0 and inner is not None and hasattr(inner, "lora_dropout"):
+        inner.lora_dropout = True
     if verbose:
         trainable, total = count_trainable(model)
         print(

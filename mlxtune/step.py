@@ -5,6 +5,11 @@ Two small pure functions, each compiled once per input shape, with their state d
     state = [model.state, optimizer.state, mx.random.state, accumulator]
     micro(inputs, targets, loss_mask[, segment_ids])  -> (loss_sum, n_tokens)   # adds ∇ loss_sum to the accumulator
     update()                                          -> (grad_norm, lr)        # ∇ = Σ∇ / Σ tokens; clip; AdamW; reset
+    micro(..., update=True)                           -> both, as ONE compiled call (the last micro-batch of a step)
+
+Fusing the last micro-batch with the update matters: each compiled call flattens and writes back the whole
+state (~1,500 arrays for a 3B model with LoRA), and the H100 probe (benchmarks/NOTES.md) showed two calls per
+step cost ~15% against mlx-lm's single call.
 
 Gradients are of the *sum* of token losses; `update` divides by the total number of target tokens across the
 micro-batches, so k micro-batches of any lengths give exactly the update of one batch holding all of them.
@@ -77,10 +82,10 @@ class TrainStep:
         grad_fn = nn.value_and_grad(model, self._loss)
         self._grad_fn = grad_fn
         if compile:
-            self._micro = partial(mx.compile, inputs=self.state, outputs=self.state)(self._micro_impl)
-            self._update = partial(mx.compile, inputs=self.state, outputs=self.state)(self._update_impl)
+            wrap = partial(mx.compile, inputs=self.state, outputs=self.state)
+            self._micro, self._update, self._fused = wrap(self._micro_impl), wrap(self._update_impl), wrap(self._fused_impl)
         else:
-            self._micro, self._update = self._micro_impl, self._update_impl
+            self._micro, self._update, self._fused = self._micro_impl, self._update_impl, self._fused_impl
 
     def _loss(self, model, inputs, targets, loss_mask, segment_ids=None):
         total, n = loss_sum(model, inputs, targets, loss_mask, segment_ids, self.chunk_size)
@@ -107,10 +112,16 @@ class TrainStep:
         self.acc["tokens"] = mx.zeros_like(self.acc["tokens"])
         return norm, lr
 
-    def micro(self, inputs, targets, loss_mask, segment_ids=None) -> tuple[mx.array, mx.array]:
-        if segment_ids is None:
-            return self._micro(inputs, targets, loss_mask)
-        return self._micro(inputs, targets, loss_mask, segment_ids)
+    def _fused_impl(self, inputs, targets, loss_mask, segment_ids=None):
+        total, n = self._micro_impl(inputs, targets, loss_mask, segment_ids)
+        norm, lr = self._update_impl()
+        return total, n, norm, lr
+
+    def micro(self, inputs, targets, loss_mask, segment_ids=None, update: bool = False):
+        """Accumulate one micro-batch: (loss_sum, n_tokens); with update=True also apply the update and
+        return (loss_sum, n_tokens, grad_norm, lr)."""
+        args = (inputs, targets, loss_mask) if segment_ids is None else (inputs, targets, loss_mask, segment_ids)
+        return self._fused(*args) if update else self._micro(*args)
 
     def update(self) -> tuple[mx.array, mx.array]:
         return self._update()

@@ -222,17 +222,21 @@ def train(config: Union[str, Path, dict, Config, None] = None, *, resume: Union[
     with _StopFlag() as flag:
         while step < total_steps:
             first, last = step * k, min((step + 1) * k, total_micro)
-            for j in range(first, last):
-                if j % size != rank:
-                    continue
+            mine = [j for j in range(first, last) if j % size == rank]
+            if not mine:  # more processes than micro-batches in this step: contribute nothing, still all-reduce
+                grad_norm, lr = step_fn.update()
+            for j in mine:
                 b = batch_at(j)
                 mx.random.seed(_micro_seed(tc.seed, j, rank))
                 seg = None if b.segment_ids is None else mx.array(b.segment_ids)
-                loss_s, n_tok = step_fn.micro(mx.array(b.inputs), mx.array(b.targets), mx.array(b.loss_mask), seg)
+                out = step_fn.micro(mx.array(b.inputs), mx.array(b.targets), mx.array(b.loss_mask), seg, update=j == mine[-1])
+                if j == mine[-1]:
+                    loss_s, n_tok, grad_norm, lr = out
+                else:
+                    loss_s, n_tok = out
                 window["loss"] = window["loss"] + loss_s
                 window["tokens"] = window["tokens"] + n_tok
                 window["seen"] += int((b.inputs != pad_id).sum()) if b.segment_ids is None else int((b.segment_ids > 0).sum())
-            grad_norm, lr = step_fn.update()
             mx.eval(step_fn.state, window["loss"], window["tokens"])
             step += 1
 

@@ -46,7 +46,7 @@ def _batch(rng, B, L, vocab=300):
     return inp, tgt, mask
 
 
-def _train(split, compile, steps=2, dropout=0.0, sgd=False):
+def _train(split, compile, steps=2, dropout=0.0, sgd=False, fused=True):
     """Parameters after `steps` updates; with sgd=True, the first update's delta (= -lr * grad, exactly)."""
     import mlx.optimizers as optim
 
@@ -59,8 +59,9 @@ def _train(split, compile, steps=2, dropout=0.0, sgd=False):
     for inp, tgt, mask in data[: 1 if sgd else steps]:
         for sl in split:
             mx.random.seed(1)
-            st.micro(mx.array(inp[sl]), mx.array(tgt[sl]), mx.array(mask[sl]))
-        st.update()
+            st.micro(mx.array(inp[sl]), mx.array(tgt[sl]), mx.array(mask[sl]), update=fused and sl is split[-1])
+        if not fused:
+            st.update()
         mx.eval(st.state)
     after = dict(tree_flatten(m.trainable_parameters()))
     return {k: after[k] - before[k] for k in after} if sgd else after
@@ -81,6 +82,11 @@ def test_accumulation_equals_one_batch(split):
 
 def test_compiled_equals_eager():
     assert _max_rel(_train([slice(0, 2), slice(2, 4)], compile=True), _train([slice(0, 2), slice(2, 4)], compile=False)) <= 1e-6
+
+
+def test_fused_last_micro_equals_separate_update():
+    split = [slice(0, 2), slice(2, 4)]
+    assert _max_rel(_train(split, compile=True, fused=True), _train(split, compile=True, fused=False)) <= 1e-6
 
 
 def test_token_weighting_is_not_a_mean_of_means():
