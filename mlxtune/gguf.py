@@ -193,8 +193,11 @@ def gguf_config(metadata: dict, shapes: dict[str, tuple], path: str | Path = "gg
     rope_dims = int(get("rope.dimension_count", head_dim))
     if rope_dims != head_dim:
         raise ModelLoadError(f"{path}: partial rotary embeddings (rope.dimension_count={rope_dims} < head_dim={head_dim}) are not supported")
+    # The embedding's rows are the model's vocabulary (it may be padded past the token list).
     tokens = metadata.get("tokenizer.ggml.tokens")
-    vocab = len(tokens) if tokens else get("vocab_size") or shapes.get("token_embd.weight", (None,))[0]
+    vocab = shapes.get("token_embd.weight", (None,))[0] or get("vocab_size") or (len(tokens) if tokens else None)
+    if vocab is None:
+        raise ModelLoadError(f"{path}: the GGUF has no token_embd.weight and no vocabulary size")
     config: dict[str, Any] = {
         "architectures": ["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"],
         "model_type": arch,

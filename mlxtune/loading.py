@@ -83,6 +83,8 @@ def load(
     else:
         if keep_quantized:
             raise ConfigError("keep_quantized applies to GGUF files only; use quantize={bits, group_size} for a HF dir")
+        if tokenizer:
+            _require_tokenizer_files(src)  # before the weights: fail fast
         model, fp = _load_hf_dir(src, dtype)
     if qcfg is not None:
         quantize_model(model, qcfg)
@@ -290,13 +292,17 @@ def quantize_model(model: nn.Module, q: QuantizeConfig) -> list[str]:
     return done
 
 
-def load_tokenizer(model_dir: Path):
-    """transformers' AutoTokenizer for a local dir (no remote code), with one clear error."""
+def _require_tokenizer_files(model_dir: Path) -> None:
     if not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
         raise ModelLoadError(
             f"{model_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy the base model's tokenizer files in, "
             "or load with tokenizer=False for weights only"
         )
+
+
+def load_tokenizer(model_dir: Path):
+    """transformers' AutoTokenizer for a local dir (no remote code), with one clear error."""
+    _require_tokenizer_files(model_dir)
     from transformers import AutoTokenizer
 
     try:
