@@ -30,6 +30,7 @@ import math
 import os
 import sys
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
@@ -630,3 +631,14 @@ def _summary(report: dict) -> str:
     if not bs.get("available"):
         lines.append(f"BERTScore unavailable: {bs.get('reason')}")
     return "\n".join(lines)
+
+
+class _CallableModule(types.ModuleType):
+    """Importing this submodule rebinds the package attribute `mlxtune.evaluate` from the lazily exported
+    function (mlxtune/__init__.py) to this module; forwarding calls keeps `mlxtune.evaluate(...)` working."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict:
+        return evaluate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

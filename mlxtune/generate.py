@@ -30,6 +30,7 @@ import contextlib
 import copy
 import random
 import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, TextIO, Union
@@ -109,7 +110,7 @@ def encode_prompt(tokenizer: Any, prompt: Prompt, *, system: Optional[str] = Non
     `raw=True` a string is encoded as plain text (BOS added as the tokenizer does).
     """
     tok = hf_tokenizer(tokenizer)
-    if not isinstance(prompt, str) and prompt and isinstance(prompt[0], int):
+    if not isinstance(prompt, str) and len(prompt) and not isinstance(prompt[0], (str, dict)):
         return [int(t) for t in prompt]
     if raw:
         if not isinstance(prompt, str):
@@ -260,6 +261,10 @@ def generate_batch(
     return out
 
 
+PREFILL_STEP = 512
+"Prompt positions run through the model at a time (bounds the attention scores of long prompts)."
+
+
 def _generate_rows(model: nn.Module, prompts: list[list[int]], max_tokens: int, sampler, stops: set[int]) -> list[list[int]]:
     """One batch: left-pad, prefill, then decode one token per live row per step until every row stops."""
     from mlx_lm.models.cache import BatchKVCache
@@ -268,7 +273,11 @@ def _generate_rows(model: nn.Module, prompts: list[list[int]], max_tokens: int, 
     pads = [L - len(p) for p in prompts]
     cache = [BatchKVCache(pads) for _ in model.layers]
     x = mx.array([[0] * pad + p for p, pad in zip(prompts, pads)], dtype=mx.int32)  # (B, L), pad id is masked
-    y = _next_tokens(model, x, cache, sampler)
+    for s in range(0, L - 1, PREFILL_STEP):  # all but the last position: fill the cache
+        e = min(s + PREFILL_STEP, L - 1)
+        model(x[:, s:e], cache=cache, return_hidden=True)
+        mx.eval([c.state for c in cache])
+    y = _next_tokens(model, x[:, L - 1 :], cache, sampler)
     out: list[list[int]] = [[] for _ in range(B)]
     live = list(range(B))  # prompt index of each row still in the batch
     while True:
@@ -592,3 +601,14 @@ def _cli_chat(args) -> int:
     chat(model, tok, system=args.system, max_tokens=args.max_tokens, temperature=args.temperature,
          top_p=args.top_p, seed=args.seed)
     return 0
+
+
+class _CallableModule(types.ModuleType):
+    """Importing this submodule rebinds the package attribute `mlxtune.generate` from the lazily exported
+    function (mlxtune/__init__.py) to this module; forwarding calls keeps `mlxtune.generate(...)` working."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> str:
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -177,3 +177,42 @@ def test_report_files_and_bertscore_unavailable_in_report(tmp_path, monkeypatch)
     saved = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert saved["bertscore"]["available"] is False and "bertscore_f1" not in saved["tuned"]
     assert not list((tmp_path / "rep").glob(".*tmp*"))  # no temp files left behind
+
+
+def test_bertscore_available_path_reports_the_scorer_numbers(tmp_path, monkeypatch):
+    """The plumbing when bert_score is importable and a local scorer dir is given (a stand-in scorer here:
+    the real one needs a downloaded encoder): the numbers are the scorer's means, x100."""
+    import sys
+    import types
+
+    torch = pytest.importorskip("torch")
+    calls = {}
+
+    def fake_score(cands, refs, model_type, num_layers, verbose):
+        calls.update(cands=cands, refs=refs, model_type=model_type, num_layers=num_layers)
+        return torch.tensor([0.5, 0.7]), torch.tensor([0.6, 0.8]), torch.tensor([0.55, 0.75])
+
+    mod = types.ModuleType("bert_score")
+    mod.score = fake_score
+    utils = types.ModuleType("bert_score.utils")
+    utils.model2layers = {"roberta-large": 17}
+    mod.utils = utils
+    monkeypatch.setitem(sys.modules, "bert_score", mod)
+    monkeypatch.setitem(sys.modules, "bert_score.utils", utils)
+    scorer = tmp_path / "roberta-large"
+    scorer.mkdir()
+    (scorer / "config.json").write_text(json.dumps({"num_hidden_layers": 24}))
+    got = bertscore(["a", "b"], ["c", "d"], str(scorer))
+    assert got["available"] is True and got["num_layers"] == 17 and calls["model_type"] == str(scorer)
+    assert got["f1"] == pytest.approx(65.0) and got["precision"] == pytest.approx(60.0)
+    missing = bertscore(["a"], ["b"], str(tmp_path / "nope"))
+    assert missing["available"] is False and "not a local model dir" in missing["reason"]
+
+
+def test_notebook_api_names_stay_callable_after_submodule_import():
+    import mlxtune
+    import mlxtune.evaluate  # noqa: F401  (rebinds the package attribute to the module)
+    import mlxtune.generate  # noqa: F401
+
+    assert callable(mlxtune.evaluate) and callable(mlxtune.generate) and callable(mlxtune.chat)
+    assert mlxtune.evaluate.score is score

@@ -53,7 +53,9 @@ def one_at_a_time(model, tok, prompt_ids, max_tokens, stops):
     return out
 
 
-def test_batched_greedy_equals_one_at_a_time(qwen):
+def test_batched_greedy_equals_one_at_a_time(qwen, monkeypatch):
+    import mlxtune.generate as G
+
     model, tok = qwen
     prompts = [encode_prompt(tok, p) for p in PROMPTS]
     assert len({len(p) for p in prompts}) == len(prompts)  # different lengths: real left padding
@@ -62,6 +64,8 @@ def test_batched_greedy_equals_one_at_a_time(qwen):
     assert len({tuple(w) for w in want}) == len(want)
     assert generate_batch(model, tok, prompts, 12, batch_size=4) == want
     assert generate_batch(model, tok, prompts, 12, batch_size=3) == want  # a full batch and a partial one
+    monkeypatch.setattr(G, "PREFILL_STEP", 7)  # prompts prefilled in chunks, some all padding for short rows
+    assert generate_batch(model, tok, prompts, 12, batch_size=4) == want
 
 
 def test_batched_rows_stop_on_their_own(qwen):
