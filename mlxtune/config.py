@@ -91,8 +91,8 @@ class DataConfig:
     "A system prompt added to conversations that have none (null: the template's default)."
     max_length: int = 2048
     "Examples are truncated to this many tokens."
-    packing: bool = True
-    "Pack several examples into each row up to a token budget (each attends only to itself)."
+    packing: Union[bool, str] = "auto"
+    "true: pack examples into rows of max_length (each attends only to itself); false: length-bucketed; auto: the cheaper."
     train_on: str = "responses"
     "responses: loss on assistant turns and their end-of-turn tokens only; all: loss on every token."
     on_bad_line: str = "error"
@@ -105,6 +105,8 @@ class DataConfig:
     "Cache tokenized files in $MLXTUNE_CACHE/data (default ~/.cache/mlxtune/data), keyed by content and settings."
 
     def __post_init__(self):
+        if isinstance(self.packing, str) and self.packing != "auto":
+            raise ConfigError(f"data.packing: expected true or false (or auto), got {self.packing!r}")
         if self.on_too_long not in ("truncate", "error"):
             raise ConfigError(f"data.on_too_long: {self.on_too_long!r} is not one of truncate, error")
         templates = ("auto", "tokenizer", "alpaca", "chatml", "llama3")
@@ -294,6 +296,8 @@ def _coerce(value: Any, tp, key: str, source: str) -> Any:
                 return _coerce(value, a, key, source)
             except ConfigError as e:
                 errors.append(str(e))
+        if len(errors) == 1:
+            raise ConfigError(errors[0])
         names = " or ".join(_type_name(a) for a in args if a is not type(None))
         raise ConfigError(f"{where}: expected {names}, got {value!r}")
     if _is_dataclass_type(tp):

@@ -44,8 +44,9 @@ class TrainResult:
     best: Optional[dict] = None
 
 
-def _micro_seed(seed: int, micro_index: int, rank: int = 0) -> int:
-    h = hashlib.blake2b(f"{seed}:{micro_index}:{rank}".encode(), digest_size=4).digest()
+def _micro_seed(seed: int, micro_index: int) -> int:
+    """The RNG seed for global micro-batch j: the same whichever process runs it (so W processes == 1)."""
+    h = hashlib.blake2b(f"{seed}:{micro_index}".encode(), digest_size=4).digest()
     return int.from_bytes(h, "little")
 
 
@@ -227,7 +228,7 @@ def train(config: Union[str, Path, dict, Config, None] = None, *, resume: Union[
                 grad_norm, lr = step_fn.update()
             for j in mine:
                 b = batch_at(j)
-                mx.random.seed(_micro_seed(tc.seed, j, rank))
+                mx.random.seed(_micro_seed(tc.seed, j))
                 seg = None if b.segment_ids is None else mx.array(b.segment_ids)
                 out = step_fn.micro(mx.array(b.inputs), mx.array(b.targets), mx.array(b.loss_mask), seg, update=j == mine[-1])
                 if j == mine[-1]:
