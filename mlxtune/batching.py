@@ -13,6 +13,13 @@ predicts a token of another example.
   The model (model.py) attends only within a segment, so every example sees exactly what it would see alone;
   all rows have length `max_length`, one shape for the whole run. `batch_size` counts rows.
 
+- Auto (`packing="auto"`, the default of `data.packing`): both are built and the one with the lower estimated
+  compute is kept (`estimated_cost`): padding wastes whole token passes, while a packed row pays attention
+  over all L x L pairs of its segment mask. With rows of 2048 tokens the second dominates for small models
+  (on CPU, a 2-layer d=128 model trains ~2x slower packed), while for a 3B model it is ~12% of a token's cost
+  and packing wins; see benchmarks/RESULTS.md. Pass `attention_weight=attention_weight(model.args)` so the
+  choice fits the model; without it a ~3B model is assumed.
+
 Normalize the loss by `Batch.n_tokens` (real target tokens), never by the number of rows or positions.
 `epoch_order(n_batches, seed, epoch, shuffle)` is a pure function of its arguments: resuming at (epoch, k)
 replays exactly the remaining batches.
@@ -24,12 +31,14 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
 PAD_MULTIPLE = 32
 "Unpacked batches are padded to a multiple of this many positions (fewer shapes, fewer compiles)."
+DEFAULT_ATTENTION_WEIGHT = 5.4e-5
+"attention_weight of Llama-3.2-3B (d 3072, 28 layers, 24 heads x 128, FFN 8192, vocab 128256)."
 
 
 @dataclass
@@ -77,17 +86,28 @@ def make_batches(
     examples: Sequence,
     batch_size: int,
     max_length: int,
-    packing: bool,
+    packing: Union[bool, str],
     pad_id: int,
     *,
     pad_multiple: int = PAD_MULTIPLE,
+    attention_weight: Optional[float] = None,
 ) -> list[Batch]:
     """Deterministic batches over `examples` (objects with `.ids`/`.mask`, or (ids, mask) pairs).
 
+    `packing`: True (packed rows), False (length-bucketed) or "auto" (whichever `estimated_cost` finds
+    cheaper for this data, with `attention_weight`, default DEFAULT_ATTENTION_WEIGHT; packed on ties).
+    Packed batches have `segment_ids`; unpacked ones have None.
     Examples longer than `max_length` tokens are cut (load_splits already truncates and reports it); an
     example of fewer than 2 tokens has nothing to predict and is left out. Every other example appears in
     exactly one batch. The count depends only on the inputs.
     """
+    if packing == "auto":
+        packed = make_batches(examples, batch_size, max_length, True, pad_id, pad_multiple=pad_multiple)
+        padded = make_batches(examples, batch_size, max_length, False, pad_id, pad_multiple=pad_multiple)
+        w = DEFAULT_ATTENTION_WEIGHT if attention_weight is None else attention_weight
+        return packed if estimated_cost(packed, w) <= estimated_cost(padded, w) else padded
+    if not isinstance(packing, bool):
+        raise ValueError(f"packing must be True, False or 'auto', got {packing!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if max_length < 2:
@@ -170,6 +190,30 @@ def padding_fraction(batches: Sequence[Batch]) -> float:
     """The fraction of all computed positions that are padding (0.0 = none wasted)."""
     total = sum(b.inputs.size for b in batches)
     return 1.0 - sum(b.n_real for b in batches) / total if total else 0.0
+
+
+def attention_weight(args: Any) -> float:
+    """The compute of attending one (query, key) pair relative to one token through the model's linear layers
+    (q/k/v/o, MLP, output head), for `estimated_cost`. `args`: a ModelArgs (or anything with its fields)."""
+    get = args.get if isinstance(args, dict) else (lambda k: getattr(args, k, None))
+    D, F, n_layers, V, H = (get(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size", "num_attention_heads"))
+    K = get("num_key_value_heads") or H
+    hd = get("head_dim") or D // H
+    linear = n_layers * (2 * D * H * hd + 2 * D * K * hd + 3 * D * F) + D * V  # multiply-adds per token
+    pairs = n_layers * 2 * H * hd  # q·k and p·v per (query, key) pair
+    return pairs / linear
+
+
+def estimated_cost(batches: Sequence[Batch], attention_weight: float = DEFAULT_ATTENTION_WEIGHT) -> float:
+    """Relative compute of training on `batches`: B·L positions through the linear layers, plus
+    `attention_weight` per attended (query, key) pair: L·L per packed row (its segment mask is computed in
+    full), L·(L+1)/2 per causal row. Padding counts like real tokens: it is computed all the same."""
+    total = 0.0
+    for b in batches:
+        B, L = b.inputs.shape
+        pairs = L * L if b.segment_ids is not None else L * (L + 1) / 2
+        total += B * (L + attention_weight * pairs)
+    return total
 
 
 def epoch_order(n_batches: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:

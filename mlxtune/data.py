@@ -24,7 +24,9 @@ text get the tokenizer's BOS when the model uses one (its tokenizer adds it, or 
 
 Bad records. With `on_bad_line: error` the first bad record (by line) raises one DataError naming file and
 line; with `skip` bad records are dropped and counted by reason in a warning (never silently). A split with
-no usable example is an error.
+no usable example is an error. Truncation (`on_too_long: truncate`) is not an error: it is counted and reported,
+and a record whose trained tokens all fall past `max_length` is dropped and reported ("prompt longer than
+max_length") in either mode; with `on_too_long: error` an over-long record is a bad record.
 
 Cache. Tokenized files are cached under `$MLXTUNE_CACHE/data` (default `~/.cache/mlxtune/data`), keyed by
 the file's content, the tokenizer's content (vocabulary, merges, special tokens, chat template), the template
@@ -132,9 +134,10 @@ class Record:
 class BadRecord(Exception):
     """A record that cannot become an example: `reason` is the category counted in skip mode."""
 
-    def __init__(self, reason: str, detail: str, fix: str = ""):
+    def __init__(self, reason: str, detail: str, fix: str = "", fatal: bool = True):
         super().__init__(detail)
         self.reason, self.detail, self.fix = reason, detail, fix
+        self.fatal = fatal  # False: dropped and reported even with on_bad_line: error (truncation emptied it)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -741,8 +744,9 @@ class Encoder:
                                 "raise data.max_length, shorten the record, or set data.on_too_long: truncate")
             ids, mask = ids[: self.max_length], mask[: self.max_length]
             if not any(mask):
-                raise BadRecord("no target tokens", f"no trained token within the first data.max_length={self.max_length} "
-                                "tokens (the prompt fills them)", "raise data.max_length or shorten the prompt")
+                raise BadRecord("prompt longer than max_length", f"no trained token within the first "
+                                f"data.max_length={self.max_length} tokens (the prompt fills them)",
+                                "raise data.max_length or shorten the prompt", fatal=False)
         return Example(ids, mask), truncated
 
     def prompt(self, record: Record, fmt: str) -> Optional[tuple[list[int], str]]:
@@ -940,9 +944,10 @@ def load_file(path: str | os.PathLike, cfg: DataConfig, tokenizer: Any, *, encod
             examples.append(res[0])
             truncated += res[1]
     bad.sort(key=lambda b: b[0])
-    if bad and cfg.on_bad_line == "error":
-        k, l, e = bad[0]
-        more = f" ({len(bad) - 1} more bad record{'s' * (len(bad) > 2)} in this file)" if len(bad) > 1 else ""
+    fatal = [b for b in bad if b[2].fatal]
+    if fatal and cfg.on_bad_line == "error":
+        k, l, e = fatal[0]
+        more = f" ({len(fatal) - 1} more bad record{'s' * (len(fatal) > 2)} in this file)" if len(fatal) > 1 else ""
         fix = f"; {e.fix}" if e.fix else ""
         raise DataError(f"{l.where}: {e.detail}{fix}, or set data.on_bad_line: skip to drop such records{more}")
     skipped: dict[str, list[str]] = {}

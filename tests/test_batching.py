@@ -232,3 +232,23 @@ def test_packed_examples_do_not_see_each_other():
     later = x.segment_ids[0] > x.rows[0].index(1) + 1
     if later.any():
         assert np.abs(logits(x, False)[0, later] - logits(y, False)[0, later]).max() > 1e-4
+
+
+def test_auto_packing_picks_the_cheaper_layout():
+    from mlxtune.batching import DEFAULT_ATTENTION_WEIGHT, attention_weight, estimated_cost
+
+    examples = random_examples(400, seed=2, lo=20, hi=200)
+    packed = make_batches(examples, 4, 2048, True, 0)
+    bucketed = make_batches(examples, 4, 2048, False, 0)
+    free_attention = make_batches(examples, 4, 2048, "auto", 0, attention_weight=0.0)  # padding is all that costs
+    costly_attention = make_batches(examples, 4, 2048, "auto", 0, attention_weight=1e-2)  # 2048² pairs dominate
+    assert [b.rows for b in free_attention] == [b.rows for b in packed] and free_attention[0].segment_ids is not None
+    assert [b.rows for b in costly_attention] == [b.rows for b in bucketed] and costly_attention[0].segment_ids is None
+    assert estimated_cost(packed, 0.0) < estimated_cost(bucketed, 0.0)
+    # the default weight is Llama-3.2-3B's
+    llama32_3b = ModelArgs(model_type="llama", hidden_size=3072, num_hidden_layers=28, intermediate_size=8192,
+                           num_attention_heads=24, num_key_value_heads=8, head_dim=128, vocab_size=128256)
+    assert attention_weight(llama32_3b) == pytest.approx(DEFAULT_ATTENTION_WEIGHT, rel=0.01)
+    assert attention_weight(llama32_3b.to_hf_config()) == attention_weight(llama32_3b)
+    with pytest.raises(ValueError):
+        make_batches(examples, 4, 64, "yes", 0)

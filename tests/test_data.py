@@ -211,10 +211,15 @@ def test_truncation_counted_and_prompt_filling_window(tmp_path, tok, caplog):
         s = load(path, tok, max_length=64)
     assert [len(e.ids) for e in s.train][1] == 64 and s.info["train"]["truncated"] == 1
     assert "truncated 1 of 3 examples to data.max_length=64" in caplog.text
+    # a fine record whose trained tokens all fall past max_length: dropped and reported even in error mode
     path = write(tmp_path / "p.jsonl", [GOOD, json.dumps(long_prompt)])
-    with pytest.raises(DataError, match=rf"{path}:2: no trained token within the first data.max_length=64"):
-        load(path, tok, max_length=64)
-    assert len(load(path, tok, max_length=64, on_bad_line="skip").train) == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mlxtune.data"):
+        s = load(path, tok, max_length=64)
+    assert len(s.train) == 1 and s.info["train"]["skipped"] == {"prompt longer than max_length": 1}
+    assert "skipped 1 of 2 records: 1 prompt longer than max_length (line 2)" in caplog.text
+    with pytest.raises(DataError, match=rf"{path}:2: .* more than data.max_length=64"):
+        load(path, tok, max_length=64, on_too_long="error")
 
 
 # ---------------------------------------------------------------------------------------------------------
