@@ -163,7 +163,7 @@ def read_lines(path: str | os.PathLike) -> list[Line]:
         raise DataError(f"{p}: no such file")
     if p.suffix.lower() == ".parquet":
         return _read_parquet(p)
-    raw = p.read_bytes()
+    raw = p.read_bytes().removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is not part of the data
     head = raw.lstrip()[:1]
     if p.suffix.lower() == ".json" and head == b"[":
         return _read_json_list(p, raw)
@@ -675,7 +675,10 @@ class Encoder:
 
     def encode(self, record: Record, fmt: str) -> tuple[Example, bool]:
         """(example, truncated) for one record; raises BadRecord."""
-        return self.encode_many([record], fmt)[0]
+        (result,) = self.encode_many([record], fmt)
+        if isinstance(result, BadRecord):
+            raise result
+        return result
 
     def encode_many(self, records: Sequence[Record], fmt: str) -> list[tuple[Example, bool] | BadRecord]:
         """Render and tokenize records (one batched tokenizer call); per record (example, truncated) or BadRecord."""
@@ -786,9 +789,12 @@ def _mask_from_spans(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[i
 def encode_conversation(messages: list[dict], tokenizer: Any, template: str = "auto", *, system_prompt: Optional[str] = None,
                         train_on: str = "responses", max_length: int = 1 << 30) -> Example:
     """Tokenize one conversation ([{role, content}]) with its loss mask: the API behind load_splits, for one record."""
-    record = normalize({"messages": messages}, "messages")
-    enc = Encoder(tokenizer, template, system_prompt=system_prompt, train_on=train_on, max_length=max_length)
-    return enc.encode(record, "messages")[0]
+    try:
+        record = normalize({"messages": messages}, "messages")
+        enc = Encoder(tokenizer, template, system_prompt=system_prompt, train_on=train_on, max_length=max_length)
+        return enc.encode(record, "messages")[0]
+    except BadRecord as e:
+        raise DataError(f"conversation: {e.detail}{'; ' + e.fix if e.fix else ''}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -102,6 +102,12 @@ def test_missing_file_and_offline_hub(tmp_path, tok):
         D.load_splits(DataConfig(), tok)
 
 
+def test_bom_and_crlf(tmp_path, tok):
+    path = tmp_path / "w.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (GOOD + "\r\n\r\n" + GOOD + "\r\n").encode())
+    assert len(load(path, tok).train) == 2
+
+
 def test_format_override_and_detection(tmp_path, tok):
     path = write(tmp_path / "t.jsonl", ['{"text": "hello there"}', GOOD])
     s = load(path, tok, on_bad_line="skip")  # detected from the first record: text
@@ -280,3 +286,63 @@ def test_cli_convert_roundtrip(tmp_path, alpaca_seed_dir, tok, capsys):
     with pytest.raises(DataError, match=rf"{bad}:2: not valid JSON"):
         run_cli(["data", "convert", str(bad), "--out", str(tmp_path / "x.jsonl")])
     assert not (tmp_path / "x.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Less-travelled paths
+
+
+class NoOffsets:
+    """A tokenizer without character offsets (like a slow tokenizer): everything else delegates."""
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __call__(self, text, **kw):
+        if kw.get("return_offsets_mapping"):
+            raise NotImplementedError("return_offset_mapping is not available when using Python tokenizers")
+        return self._tok(text, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def test_without_offsets_same_result(tok, qwen_tokenizer):
+    conv = [{"role": "system", "content": "S."}, *CONV, {"role": "user", "content": "More?"}, {"role": "assistant", "content": "Yes, more."}]
+    for t in (tok, qwen_tokenizer):
+        assert D.encode_conversation(conv, NoOffsets(t)) == D.encode_conversation(conv, t)
+
+
+def test_mlx_lm_tokenizer_wrapper(tmp_path, tok):
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+    path = write(tmp_path / "t.jsonl", [GOOD])
+    assert load(path, TokenizerWrapper(tok)).train == load(path, tok).train
+
+
+def test_parquet_without_pyarrow(tmp_path, tok, monkeypatch):
+    import sys
+
+    f = tmp_path / "x.parquet"
+    f.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(DataError, match=r"reading Parquet needs pyarrow; install it"):
+        load(f, tok)
+
+
+def test_encode_conversation_errors_are_data_errors(tok):
+    with pytest.raises(DataError, match="no assistant turn"):
+        D.encode_conversation(CONV[:1], tok)
+
+
+def test_prompt_for_generation(tok, alpaca_seed_dir):
+    rec = D.normalize(json.loads((alpaca_seed_dir / "test.jsonl").read_text().splitlines()[0]), "alpaca")
+    enc = D.Encoder(tok)
+    ids, reference = enc.prompt(rec, "alpaca")
+    ex, _ = enc.encode(rec, "alpaca")
+    start = ex.mask.index(1)
+    assert ids == ex.ids[:start] and reference == rec.alpaca[2]  # the prompt is exactly the untrained prefix
+    chat = D.normalize({"messages": CONV}, "messages")
+    ids, reference = enc.prompt(chat, "messages")
+    ex, _ = enc.encode(chat, "messages")
+    assert ids == ex.ids[: ex.mask.index(1)] and reference == "Hello!"
