@@ -5,12 +5,13 @@ mlxtune's format (what a run dir holds at its root, and what `save_adapter` writ
     adapters.safetensors   `model.layers.0.self_attn.q_proj.lora_a` (in, r), `... .lora_b` (r, out), float32
     adapter_config.json    {"format": "mlxtune-lora", "format_version": 1,
                             "base_model": {path, fingerprint, model_type, hidden_size, num_hidden_layers,
-                                           quantization},
+                                           quantization, dtype},
                             "rank", "alpha", "dropout", "targets", "layers", "wrapped"}
 
 `layers` is stored resolved (explicit indices), `targets` with short names expanded (`q` -> `q_proj`), and
-`base_model.quantization` is `{"bits", "group_size"}` when the adapter was trained on a quantized base (QLoRA),
-so fusing can rebuild the exact function that was trained.
+`base_model.quantization` is `{"bits", "group_size"}` when the adapter was trained on a base quantized at load
+(QLoRA, `load(..., quantize=...)`), with `base_model.dtype` the base's float dtype, so fusing can rebuild the
+exact function that was trained.
 
 `read_adapter(path)` reads any of the three formats into one `AdapterSpec` (mlxtune names and layouts);
 `load_adapter(model, path)` checks it against the model and applies it. Every mismatch found (files, format,
@@ -137,6 +138,8 @@ def save_adapter(
         if isinstance(m.linear, nn.QuantizedLinear):
             quant = {"bits": int(m.linear.bits), "group_size": int(m.linear.group_size)}
             break
+    first = next(iter(mods.values())).linear
+    dtype = (first.scales if isinstance(first, nn.QuantizedLinear) else first.weight).dtype
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -147,6 +150,7 @@ def save_adapter(
             "hidden_size": getattr(args, "hidden_size", None),
             "num_hidden_layers": len(model.layers),
             "quantization": quant,
+            "dtype": str(dtype).rsplit(".", 1)[-1],
         },
         "rank": int(rank),
         "alpha": float(alpha),

@@ -153,7 +153,9 @@ def fused_model(adapter: Union[PathLike, AdapterSpec], base: Optional[PathLike] 
     from .loading import load
 
     quant = spec.base.get("quantization") or None
-    model, tokenizer = load(base_path, quantize=quant)
+    # A QLoRA base is re-created as trained: same dtype, then the same quantization.
+    dtype = spec.base.get("dtype") if quant else None
+    model, tokenizer = load(base_path, dtype=dtype, quantize=quant)
     load_adapter(model, spec)
     from .lora import fuse as fuse_lora
 

@@ -108,7 +108,8 @@ def test_qlora_save_load_and_fuse(tiny_qwen_dir, tmp_path):
     ids = tokens(model.args.vocab_size)
     want = logits(model, ids)
     assert rel_err(want, base_logits) > 1e-2
-    assert json.loads((tmp_path / "a" / CONFIG_FILE).read_text())["base_model"]["quantization"] == q
+    recorded = json.loads((tmp_path / "a" / CONFIG_FILE).read_text())["base_model"]
+    assert recorded["quantization"] == q and recorded["dtype"] == "float32"
 
     fresh, _ = load_base(tiny_qwen_dir, quantize=q)
     load_adapter(fresh, tmp_path / "a")

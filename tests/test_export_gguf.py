@@ -74,7 +74,7 @@ def test_gguf_export(family, outtype, tiny_llama_dir, tiny_qwen_dir, tmp_path):
     assert path == tmp_path / "gguf" / f"model-{outtype}.gguf" and path.is_file()
     args = model.args
 
-    # --- metadata (MLX's reader; gguf-py's GGUFReader is checked on the same file below for Llama)
+    # --- metadata (MLX's reader; gguf-py's GGUFReader takes minutes on a 128k vocab: see the next test)
     raw, meta = mx.load(str(path), return_metadata=True)
     meta = {k: (v.item() if isinstance(v, mx.array) and v.ndim == 0 else v) for k, v in meta.items()}
     arch = "llama" if family == "llama" else "qwen2"
@@ -106,18 +106,7 @@ def test_gguf_export(family, outtype, tiny_llama_dir, tiny_qwen_dir, tmp_path):
         np.testing.assert_allclose(factors, _llama_cpp_rope_factors(args.rope_theta, args.head_dim, args.rope_scaling), rtol=1e-5)
         assert factors.max() == 32.0 and factors.min() == 1.0  # scaling really is exercised
 
-        # gguf-py reads the file too, with the tensor types llama.cpp expects (slow on a 128k vocab: once)
-        r = gguf.GGUFReader(path)
-        assert r.fields["general.architecture"].contents() == "llama"
-        assert len(r.fields["tokenizer.ggml.tokens"].data) == args.vocab_size
-        qtype = gguf.GGMLQuantizationType.F16 if outtype == "f16" else gguf.GGMLQuantizationType.Q8_0
-        for t in r.tensors:
-            if t.name.endswith("_norm.weight") or t.name.endswith(".bias") or t.name == "rope_freqs.weight":
-                assert t.tensor_type == gguf.GGMLQuantizationType.F32, t.name
-            else:
-                assert t.tensor_type == qtype, t.name
-        names = {t.name for t in r.tensors}
-        assert "output.weight" not in names and "rope_freqs.weight" in names  # tied head
+        assert "output.weight" not in raw  # tied head
     else:
         assert "output.weight" in raw and "blk.0.attn_q.bias" in raw and "rope_freqs.weight" not in raw
 
@@ -144,7 +133,92 @@ def test_gguf_export(family, outtype, tiny_llama_dir, tiny_qwen_dir, tmp_path):
     # --- mlxtune's own GGUF loader gives the fused model's logits
     from mlxtune.loading import load
 
-    loaded, _ = load(str(path), dtype="float32")
+    loaded, gguf_tok = load(str(path), dtype="float32")
     err = rel_err(logits(loaded, ids), want)
+    # and rebuilds the same tokenizer from the metadata written
+    text = "Hello world: 3333 naïve ✅ " + ("<|im_start|>user" if family == "qwen" else "<|start_header_id|>user")
+    assert gguf_tok.encode(text, add_special_tokens=False) == tokenizer.encode(text, add_special_tokens=False)
     assert err <= (5e-3 if outtype == "f16" else 3e-2), err
     assert err < rel_err(base_logits, want) / 5
+
+
+@pytest.fixture(scope="module")
+def small_bpe_llama(tmp_path_factory):
+    """A tiny Llama with a small byte-level BPE trained here (vocab ~300 < 512 rows: padding rows too)."""
+    from conftest import make_tiny_model_dir
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    special = ["<|begin_of_text|>", "<|eot_id|>", "<|pad|>"]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ["The capital of France is Paris.", "Hello world, hello there!", "LoRA adapters fuse into the base weights."] * 20
+    tk.train_from_iterator(text, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<|pad|>")
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|eot_id|>{% endfor %}"
+    tok_dir = tmp_path_factory.mktemp("small_bpe")
+    tok.save_pretrained(tok_dir)
+    return make_tiny_model_dir(tmp_path_factory.mktemp("small_bpe_llama"), "llama", tokenizer_dir=tok_dir)
+
+
+@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
+def test_gguf_reads_with_gguf_py(outtype, small_bpe_llama, tmp_path):
+    """gguf-py's reader: every metadata field llama.cpp needs and every tensor, dequantized by gguf-py itself."""
+    from gguf.quants import dequantize
+
+    model, tokenizer = load_base(small_bpe_llama, tokenizer=True)
+    apply_lora(model, rank=4, alpha=8.0, verbose=False)
+    randomize_lora(model)
+    save_adapter(model, tmp_path / "run", base_path=small_bpe_llama, fingerprint=model.source["fingerprint"], rank=4,
+                 alpha=8.0, dropout=0.0, targets=None, layers=None)
+    fuse(model)
+    fused = dict(tree_flatten(model.parameters()))
+    args = model.args
+    path = export(tmp_path / "run", "gguf", tmp_path / "m.gguf", outtype=outtype)
+    assert path == tmp_path / "m.gguf"
+
+    r = gguf.GGUFReader(path)
+    f = {k: v.contents() for k, v in r.fields.items() if not k.startswith("GGUF.")}
+    assert f["general.architecture"] == "llama" and f["general.type"] == "model"
+    assert f["general.file_type"] == (gguf.LlamaFileType.MOSTLY_F16 if outtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
+    assert f["general.quantization_version"] == gguf.GGML_QUANT_VERSION
+    assert (f["llama.block_count"], f["llama.embedding_length"], f["llama.feed_forward_length"]) == (2, 64, 128)
+    assert (f["llama.attention.head_count"], f["llama.attention.head_count_kv"]) == (4, 2)
+    assert (f["llama.rope.dimension_count"], f["llama.attention.key_length"], f["llama.vocab_size"]) == (16, 16, 512)
+    assert f["llama.context_length"] == args.max_position_embeddings
+    assert f["llama.rope.freq_base"] == pytest.approx(args.rope_theta)
+    vocab = tokenizer.get_vocab()
+    assert len(vocab) < 512  # the rest are padding rows
+    tokens_ = f["tokenizer.ggml.tokens"]
+    assert len(tokens_) == 512 and all(tokens_[i] == t for t, i in vocab.items())
+    assert tokens_[511] == "[PAD511]"
+    types = f["tokenizer.ggml.token_type"]
+    assert types[vocab["<|eot_id|>"]] == gguf.TokenType.CONTROL and types[511] == gguf.TokenType.UNUSED
+    assert types[vocab["a"]] == gguf.TokenType.NORMAL
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    assert f["tokenizer.ggml.merges"] == [m if isinstance(m, str) else " ".join(m) for m in merges] and merges
+    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "llama-bpe"  # unknown probe hash: by arch
+    assert (f["tokenizer.ggml.bos_token_id"], f["tokenizer.ggml.eos_token_id"], f["tokenizer.ggml.padding_token_id"]) == (
+        vocab["<|begin_of_text|>"], vocab["<|eot_id|>"], vocab["<|pad|>"])
+    assert f["tokenizer.chat_template"] == tokenizer.chat_template
+
+    qtype = gguf.GGMLQuantizationType.F16 if outtype == "f16" else gguf.GGMLQuantizationType.Q8_0
+    seen = set()
+    for t in r.tensors:
+        if t.name == "rope_freqs.weight":
+            np.testing.assert_allclose(t.data, _llama_cpp_rope_factors(args.rope_theta, args.head_dim, args.rope_scaling), rtol=1e-5)
+            continue
+        name = _hf_name(t.name)
+        seen.add(name)
+        is_1d = t.name.endswith("_norm.weight")
+        assert t.tensor_type == (gguf.GGMLQuantizationType.F32 if is_1d else qtype), t.name
+        w = dequantize(t.data, t.tensor_type).astype(np.float32).reshape(tuple(reversed([int(n) for n in t.shape])))
+        if ".q_proj." in name or ".k_proj." in name:
+            h = args.num_attention_heads if ".q_proj." in name else args.num_key_value_heads
+            w = w.reshape(h, w.shape[0] // h // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+        ref = np.array(fused[name])
+        tol = 1e-3 * np.abs(ref).max() if outtype == "f16" or is_1d else np.abs(ref).max() / 100
+        np.testing.assert_allclose(w, ref, rtol=0, atol=tol, err_msg=name)
+    assert seen == set(fused)
