@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -474,6 +475,8 @@ def _base_path(spec: AdapterSpec, base: Optional[PathLike]) -> str:
     if not path:
         raise AdapterError(f"{spec.path}: the adapter records no base model path; pass --base with the base model")
     p = Path(str(path)).expanduser()
+    if not p.exists() and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(path)):
+        return str(path)  # a hub id: the loader fetches it (or says why it cannot)
     if not p.exists():
         how = "given with --base" if base is not None else f"recorded in {spec.path / CONFIG_FILE}"
         raise AdapterError(f"base model {p} ({how}) not found; pass --base with the base model dir or .gguf file")
