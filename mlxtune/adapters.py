@@ -215,10 +215,12 @@ def read_adapter(path: PathLike) -> AdapterSpec:
         problems = [f"missing {CONFIG_FILE}"]
         if not any((p / f).is_file() for f in (WEIGHTS_FILE, PEFT_WEIGHTS_FILE)):
             problems.append(f"missing {WEIGHTS_FILE} (or PEFT's {PEFT_WEIGHTS_FILE})")
-        raise AdapterError(
-            f"{p}: not an adapter dir: {'; '.join(problems)} (expected an mlxtune run or adapter dir, "
-            "a PEFT LoRA dir or an mlx-lm adapter dir)"
+        hint = (
+            f"this run dir has checkpoints/ but no final adapter yet: finish it with `mlxtune train -c {p / 'config.yaml'} --resume`"
+            if (p / "checkpoints").is_dir()
+            else "expected an mlxtune run or adapter dir, a PEFT LoRA dir or an mlx-lm adapter dir"
         )
+        raise AdapterError(f"{p}: not an adapter dir: {'; '.join(problems)} ({hint})")
     try:
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
