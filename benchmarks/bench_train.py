@@ -247,25 +247,7 @@ def recipe_row(impl: str, cfg: dict, lengths: list[int], max_len: int, ckpt: boo
         padded = [b.inputs.size for b in batches]
         items = list(range(len(batches)))
     else:
-        model = build_mlx_lm(cfg, dtype, None, ckpt)
-        st = MlxLmStep(model, accum=micro)
-        batches = []
-        for l in lengths:
-            T = min(1 + 32 * ((l + 31) // 32), max_len)
-            arr = np.zeros((1, T), np.int32)
-            arr[0, :l] = rng.integers(0, cfg["vocab_size"], l)
-            batches.append((arr, [[0, l]]))
-        real = [l - 1 for l in lengths]
-        padded = [b[0].shape[1] - 1 for b in batches]
-        items = list(range(len(batches)))
-        state = {"i": 0}
-
-        def run_micro(b):
-            state["i"] += 1
-            st.run(mx.array(b[0]), mx.array(b[1]), state["i"] % micro == 0)
-
-        def update():
-            pass
+        return mlx_lm_recipe(cfg, lengths, max_len, ckpt, dtype, micro, rng)
     mx.reset_peak_memory()
     # warm-up: one pass over every distinct shape (compiles), not timed
     seen = set()
@@ -293,6 +275,40 @@ def recipe_row(impl: str, cfg: dict, lengths: list[int], max_len: int, ckpt: boo
     out = {"impl": impl, "tok_s": toks / dt, "step_s": dt, "peak_gb": mx.get_peak_memory() / 1e9,
            "padding": 1 - toks / max(pad, 1), "micro_batches": micro}
     del model, st
+    return out
+
+
+def mlx_lm_recipe(cfg, lengths, max_len, ckpt, dtype, micro, rng) -> dict:
+    """mlx-lm's own train() (batch 1, its iterate_batches padding to 1+32k, grad accumulation) on the same lengths.
+
+    Its report for the last window of `micro` iterations is used: by then every length's shape has been compiled
+    (the first epoch covers all examples). tokens/s is mlx-lm's own count of target tokens over its train time.
+    """
+    import tempfile
+
+    from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback, train
+
+    model = build_mlx_lm(cfg, dtype, None, False)  # train() applies its own checkpointing
+    data = [(list(rng.integers(0, cfg["vocab_size"], l)), 0) for l in lengths]
+    reports = []
+
+    class CB(TrainingCallback):
+        def on_train_loss_report(self, info):
+            reports.append(info)
+
+    iters = micro * (len(data) // micro + 2)
+    mx.reset_peak_memory()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArgs(batch_size=1, iters=iters, steps_per_report=micro, steps_per_eval=10**9, steps_per_save=10**9,
+                            max_seq_length=max_len, adapter_file=os.path.join(tmp, "a.safetensors"),
+                            grad_checkpoint=ckpt, grad_accumulation_steps=micro)
+        train(model, optim.AdamW(learning_rate=1e-5), data, None, args, training_callback=CB())
+    last = reports[-1]
+    real = sum(l - 1 for l in lengths)
+    padded = sum(min(1 + 32 * ((l + 31) // 32), max_len) - 1 for l in lengths)
+    out = {"impl": "mlx-lm", "tok_s": last["tokens_per_second"], "step_s": 1 / last["iterations_per_second"] * micro,
+           "peak_gb": mx.get_peak_memory() / 1e9, "padding": 1 - real / padded, "micro_batches": micro}
+    del model
     return out
 
 

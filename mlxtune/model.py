@@ -292,25 +292,20 @@ def keyed_call(layer: nn.Module, x: mx.array, mask=None, rope=None, key: Optiona
 
 
 def checkpointed_call(layer: nn.Module, x: mx.array, mask=None, rope=None, key: Optional[mx.array] = None) -> mx.array:
-    """`keyed_call` under `mx.checkpoint`: the layer's activations are recomputed in the backward pass.
+    """`layer(x, mask, None, rope)` under `mx.checkpoint`: activations are recomputed in the backward pass.
 
-    The layer's trainable parameters are passed in explicitly so their gradients flow (closed-over arrays
-    would be constants to mx.checkpoint), and so is the dropout key, so the recomputation sees the same
-    dropout masks as the forward.
+    Only what needs a gradient is passed to the checkpoint as an input: the layer's trainable parameters
+    (closed-over arrays are constants to mx.checkpoint, so they would get no gradient) and x. The attention
+    mask, the RoPE tables and the dropout key are bound instead: a checkpoint asks for the gradient of every
+    input, and the CUDA attention kernel refuses a gradient with respect to a mask. The key makes the
+    recomputation draw the same dropout masks as the forward.
     """
-    static = isinstance(mask, str) or mask is None
-    arrays = [a for a in ((None if static else mask), rope) if a is not None]
 
-    def inner(params, x, *extra):
+    def inner(params, x):
         layer.update(params)
-        it = iter(extra)
-        k = next(it) if key is not None else None
-        m = mask if static else next(it)
-        r = next(it) if rope is not None else None
-        return keyed_call(layer, x, m, r, k) if k is not None else layer(x, m, None, r)
+        return keyed_call(layer, x, mask, rope, key) if key is not None else layer(x, mask, None, rope)
 
-    keys = [key] if key is not None else []
-    return mx.checkpoint(inner)(layer.trainable_parameters(), x, *keys, *arrays)
+    return mx.checkpoint(inner)(layer.trainable_parameters(), x)
 
 
 class DecoderModel(nn.Module):

@@ -122,21 +122,31 @@ def train(config: Union[str, Path, dict, Config, None] = None, *, resume: Union[
         raise ConfigError("model.path: not set; point it at a Hugging Face model dir, a .gguf file or a hub id")
     if not dc.train:
         raise ConfigError("data.train: not set; point it at a JSON/JSONL/Parquet file or a dir with train/valid/test files")
-    rank, size = (world.rank(), world.size()) if world is not None else (0, 1)
+    from .distributed import SingleProcess, shard_warning
+
+    world = world if world is not None else SingleProcess()
+    rank, size = world.rank(), world.size()
     is_main = rank == 0
     run = RunDir(Path(cfg.output_dir))
 
     # --- Validate inputs before anything is written ------------------------------------------------------
-    resume_path = resolve_resume(run, resume) if resume else None
-    if not resume and latest_checkpoint(run) is not None:
-        raise CheckpointError(
-            f"{run.root}: already holds a run with checkpoints; add --resume to continue it or choose another --output_dir"
-        )
+    def check_run_dir() -> Optional[Path]:
+        if not resume and latest_checkpoint(run) is not None:
+            raise CheckpointError(
+                f"{run.root}: already holds a run with checkpoints; add --resume to continue it or choose another --output_dir"
+            )
+        return resolve_resume(run, resume) if resume else None
+
+    # Only process 0 reads or writes the run dir (on several hosts the others need not see it); an error there
+    # is raised on every process (distributed.py).
+    resume_path = world.on_main(check_run_dir)
     model, tokenizer = loading.load(cfg.model.path, dtype=cfg.model.dtype, quantize=cfg.model.quantize)
     splits = data_mod.load_splits(dc, tokenizer, tc.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    train_batches = batching.make_batches(splits.train, tc.batch_size, dc.max_length, dc.packing, pad_id)
-    valid_batches = batching.make_batches(splits.valid, tc.batch_size, dc.max_length, dc.packing, pad_id) if splits.valid else []
+    aw = batching.attention_weight(model.args)  # packing "auto" keeps the layout with the lower estimated compute
+    train_batches = batching.make_batches(splits.train, tc.batch_size, dc.max_length, dc.packing, pad_id, attention_weight=aw)
+    valid_batches = (batching.make_batches(splits.valid, tc.batch_size, dc.max_length, dc.packing, pad_id, attention_weight=aw)
+                     if splits.valid else [])
     if not train_batches:
         raise MlxtuneError(f"{dc.train}: no training batches (the training split is empty)")
     n_batches, k = len(train_batches), tc.grad_accumulation
@@ -164,12 +174,15 @@ def train(config: Union[str, Path, dict, Config, None] = None, *, resume: Union[
     }
     optimizer = make_optimizer(tc, total_steps)
     start_step, early = 0, {"best": None, "best_step": None, "bad_evals": 0}
+    world.check_same("base model or training data", [fingerprint, expected["data_hash"]])
     if resume_path is not None:
-        adapter, opt_state, state = load_checkpoint(resume_path, expected)
+        adapter, opt_state, state = world.on_main(lambda: load_checkpoint(resume_path, expected))
         model.load_weights(list(adapter.items()), strict=False)
         optimizer.state = opt_state
         start_step = int(state["step"])
         early = state.get("early_stopping", early)
+    elif size > 1:  # every process starts from process 0's LoRA init, bit for bit whatever its hardware
+        model.load_weights(list(world.broadcast(adapter_weights(model)).items()), strict=False)
 
     # --- The run dir ----------------------------------------------------------------------------------------
     if is_main:
@@ -183,7 +196,7 @@ def train(config: Union[str, Path, dict, Config, None] = None, *, resume: Union[
     lora_meta = dict(base_path=str(cfg.model.path), fingerprint=fingerprint, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
                      dropout=cfg.lora.dropout, targets=list(cfg.lora.targets), layers=cfg.lora.layers)
     all_reduce = None
-    if world is not None and size > 1:
+    if size > 1:
         from .distributed import make_all_reduce
 
         all_reduce = make_all_reduce(world)
@@ -194,8 +207,12 @@ def train(config: Union[str, Path, dict, Config, None] = None, *, resume: Union[
     if is_main and not quiet:
         pad = batching.padding_fraction(train_batches)
         what = "resuming from " + str(resume_path) if resume_path else "training"
-        print(f"{what}: {len(splits.train)} examples in {n_batches} micro-batches ({pad:.1%} padding), "
-              f"{total_steps} steps x {k} accumulation; run dir {run.root}", flush=True)
+        layout = "packed" if train_batches[0].segment_ids is not None else "length-bucketed"
+        print(f"{what}: {len(splits.train)} examples in {n_batches} {layout} micro-batches ({pad:.1%} padding), "
+              f"{total_steps} steps x {k} accumulation" + (f" over {size} processes" if size > 1 else "") +
+              f"; run dir {run.root}", flush=True)
+    if is_main and shard_warning(k, size):
+        print(shard_warning(k, size), file=sys.stderr, flush=True)
 
     orders: dict[int, list[int]] = {}
 
@@ -211,9 +228,9 @@ def train(config: Union[str, Path, dict, Config, None] = None, *, resume: Union[
                 "fingerprint": fingerprint, "base_path": str(cfg.model.path), "data_hash": expected["data_hash"],
                 "total_steps": total_steps, "world_size": size}
 
-    def save(step: int) -> None:
-        if is_main:
-            save_checkpoint(run, step, adapter_weights(model), optimizer.state, checkpoint_state(step), tc.keep_last)
+    def save(step: int) -> None:  # every process waits for process 0's write and raises if it failed
+        world.on_main(lambda: save_checkpoint(run, step, adapter_weights(model), optimizer.state,
+                                              checkpoint_state(step), tc.keep_last))
 
     # --- The loop ---------------------------------------------------------------------------------------------
     step = start_step
@@ -243,7 +260,7 @@ def train(config: Union[str, Path, dict, Config, None] = None, *, resume: Union[
 
             if step % tc.log_every == 0 or step == total_steps:
                 loss_sum_, toks = float(window["loss"].item()), float(window["tokens"].item())
-                if world is not None and size > 1:
+                if size > 1:
                     loss_sum_, toks, seen = (float(x) for x in world.sum_scalars([loss_sum_, toks, window["seen"]]))
                 else:
                     seen = window["seen"]
@@ -258,13 +275,14 @@ def train(config: Union[str, Path, dict, Config, None] = None, *, resume: Union[
                                  f"peak {rec['peak_memory_gb']:.2f} GB | rss {rec['rss_gb']:.2f} GB | eta {monitor.eta(step)}")
                 window = {"loss": mx.array(0.0), "tokens": mx.array(0.0), "seen": 0, "t0": time.perf_counter()}
             monitor.advance(step)
+            stop = world.any(flag.stop)  # Ctrl-C may reach the processes at different steps: all stop at this one
 
             if valid_batches and ((tc.eval_every and step % tc.eval_every == 0) or step == total_steps):
-                last_val = _validate(model, tokenizer, valid_batches, splits.valid, cfg, step, monitor)
-                stop_now = _early_stopping(early, last_val, tc, step, run, model, lora_meta, is_main, adapters)
+                last_val = _validate(model, tokenizer, valid_batches, splits.valid, cfg, step, monitor, world)
+                stop_now = _early_stopping(early, last_val, tc, step, run, model, lora_meta, world, adapters)
                 if stop_now:
                     stopped_early = True
-            if (tc.save_every and step % tc.save_every == 0) or step == total_steps or stopped_early or flag.stop:
+            if (tc.save_every and step % tc.save_every == 0) or step == total_steps or stopped_early or stop:
                 save(step)
                 last_saved = step
             if stopped_early:
@@ -272,7 +290,7 @@ def train(config: Union[str, Path, dict, Config, None] = None, *, resume: Union[
                             f"{tc.early_stopping_metric} has not improved for {tc.early_stopping_patience} evaluations "
                             f"(best {early['best']:.4f} at step {early['best_step']}, kept in {run.best})")
                 break
-            if flag.stop:
+            if stop:
                 interrupted = True
                 monitor.log({"step": step, "event": "interrupted"},
                             f"interrupted at step {step}; checkpoint in {run.step_dir(step)}; continue with --resume")
@@ -280,24 +298,30 @@ def train(config: Union[str, Path, dict, Config, None] = None, *, resume: Union[
     monitor.close()
     model.eval()
 
-    if is_main:
+    def save_final() -> None:
         adapters.save_adapter(model, run.root, **lora_meta)
         plot_loss(run.metrics, run.loss_png)
+
+    world.on_main(save_final)  # the others wait for it: mlx.launch stops every process once one exits non-zero
     metrics = {"step": step, **{f"val_{k_}": v for k_, v in last_val.items() if k_ in ("loss", "ppl")}}
     return TrainResult(run.root, step, metrics, interrupted, stopped_early,
                        {"metric": tc.early_stopping_metric, "value": early["best"], "step": early["best_step"]}
                        if early["best"] is not None else None)
 
 
-def _validate(model, tokenizer, valid_batches, valid_examples, cfg: Config, step: int, monitor: Monitor) -> dict:
+def _validate(model, tokenizer, valid_batches, valid_examples, cfg: Config, step: int, monitor: Monitor, world) -> dict:
     tc = cfg.train
-    res = evaluate_loss(model, valid_batches, tc.eval_batches)
+    # each process evaluates its share of the batches and the sums are added, so every process sees the same numbers
+    res = evaluate_loss(model, valid_batches[: tc.eval_batches][world.rank():: world.size()])
+    if world.size() > 1:
+        s, n = world.sum_scalars([res["loss_sum"], res["n_tokens"]])
+        res = {"loss_sum": s, "n_tokens": n, "loss": s / max(n, 1.0), "ppl": math.exp(min(s / max(n, 1.0), 50.0))}
     rec = {"step": step, "val_loss": res["loss"], "val_ppl": res["ppl"], "val_tokens": res["n_tokens"]}
     line = f"step {step}: val loss {res['loss']:.4f} | val ppl {res['ppl']:.3f}"
     if tc.eval_generate:
         from .evaluate import generation_metrics
 
-        gm = generation_metrics(model, tokenizer, valid_examples[: tc.eval_generate], max_tokens=128)
+        gm = world.on_main(lambda: generation_metrics(model, tokenizer, valid_examples[: tc.eval_generate], max_tokens=128))
         for k_, v in gm.items():
             if isinstance(v, (int, float)):
                 rec[f"val_{k_}"] = v
@@ -307,7 +331,7 @@ def _validate(model, tokenizer, valid_batches, valid_examples, cfg: Config, step
     return res
 
 
-def _early_stopping(early: dict, res: dict, tc, step: int, run: RunDir, model, lora_meta: dict, is_main: bool,
+def _early_stopping(early: dict, res: dict, tc, step: int, run: RunDir, model, lora_meta: dict, world,
                     adapters) -> bool:
     """Track the best evaluation, keep its adapter in best/, and say whether patience ran out."""
     name = tc.early_stopping_metric
@@ -320,9 +344,11 @@ def _early_stopping(early: dict, res: dict, tc, step: int, run: RunDir, model, l
     better = early["best"] is None or (value < early["best"] if lower_is_better else value > early["best"])
     if better:
         early.update(best=value, best_step=step, bad_evals=0)
-        if is_main:
+        def save_best() -> None:
             adapters.save_adapter(model, run.best, **lora_meta)
             write_json_atomic(run.best / "best.json", {"step": step, "metric": name, "value": value})
+
+        world.on_main(save_best)
     else:
         early["bad_evals"] += 1
     return tc.early_stopping_patience is not None and early["bad_evals"] >= tc.early_stopping_patience
@@ -346,11 +372,15 @@ def register_cli(sub) -> None:
 
 
 def _cli_train(args) -> int:
-    world = None
-    from .distributed import maybe_init
+    from .distributed import DistributedError, is_peer_lost, maybe_init
 
-    world = maybe_init()
-    result = train(args.config, resume=args.resume, overrides=args.overrides, quiet=args.quiet, world=world)
+    world = maybe_init()  # None unless started by mlx.launch (or mpirun) as one of several processes
+    try:
+        result = train(args.config, resume=args.resume, overrides=args.overrides, quiet=args.quiet, world=world)
+    except RuntimeError as e:
+        if world is None or not is_peer_lost(e):
+            raise
+        raise DistributedError(f"process {world.rank()}: {e} (another process failed or was killed; see its output)") from None
     if world is None or world.rank() == 0:
         print(f"run dir: {result.run_dir}")
         print(f"adapter: {result.run_dir / 'adapters.safetensors'} (+ adapter_config.json)")

@@ -342,3 +342,48 @@ def test_bad_inputs_one_line_exit_2_no_run_dir(case, expect, tmp_path, tiny_llam
     assert err.startswith("error:") and len(err.splitlines()) == 1, err
     assert expect in err
     assert not (tmp_path / "run").exists()
+
+
+def test_checkpoint_inputs_are_only_differentiable(monkeypatch):
+    """mx.checkpoint asks for the gradient of every input; CUDA's attention refuses one for its mask. So a packed,
+    checkpointed layer must pass only float parameters and hidden states — never the bool mask or int ids."""
+    import mlxtune.model as M
+
+    real = mx.checkpoint
+    seen = []
+
+    def spy(fn):
+        wrapped = real(fn)
+
+        def call(*args):
+            for a in [v for _, v in tree_flatten(list(args))]:
+                seen.append(a.dtype)
+            return wrapped(*args)
+
+        return call
+
+    monkeypatch.setattr(M.mx, "checkpoint", spy)
+    m = tiny_model(dropout=0.1)
+    m.grad_checkpoint = True
+    seg = mx.array([[1] * 10 + [2] * 14, [1] * 24])
+    inp = mx.array(np.random.default_rng(0).integers(0, 300, (2, 24)).astype(np.int32))
+    from mlxtune.loss import loss_sum
+
+    g = mx.grad(lambda params: (m.update(params), loss_sum(m, inp, inp, mx.ones((2, 24)), seg)[0])[1])(m.trainable_parameters())
+    mx.eval(g)
+    assert seen and all(d in (mx.float32, mx.bfloat16, mx.float16) for d in seen), set(seen)
+
+
+def test_packed_checkpointed_gradients_equal_plain():
+    from mlxtune.loss import loss_sum
+
+    seg = mx.array([[1] * 10 + [2] * 14, [1] * 20 + [0] * 4])
+    inp = mx.array(np.random.default_rng(0).integers(0, 300, (2, 24)).astype(np.int32))
+    grads = []
+    for ck in (False, True):
+        m = tiny_model(dropout=0.1)
+        m.grad_checkpoint = ck
+        mx.random.seed(5)
+        _, g = __import__("mlx.nn", fromlist=["nn"]).value_and_grad(m, lambda mm: loss_sum(mm, inp, inp, mx.ones((2, 24)), seg)[0])(m)
+        grads.append(dict(tree_flatten(g)))
+    assert _max_rel(grads[1], grads[0]) <= 1e-6
