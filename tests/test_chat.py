@@ -13,11 +13,9 @@ import re
 import sys
 from pathlib import Path
 
-import pytest
+import pexpect
 
 from mlxtune.generate import encode_prompt
-
-pexpect = pytest.importorskip("pexpect")
 
 ROOT = Path(__file__).resolve().parent.parent
 STATS = re.compile(r"\[prompt (\d+) tokens \((\d+) cached\), [\d.]+ tok/s \| (\d+) tokens, [\d.]+ tok/s\]")
