@@ -234,6 +234,7 @@ def recipe_row(impl: str, cfg: dict, lengths: list[int], max_len: int, ckpt: boo
                 p = pending["b"]
                 st.micro(mx.array(p.inputs), mx.array(p.targets), mx.array(p.loss_mask),
                          None if p.segment_ids is None else mx.array(p.segment_ids))
+                mx.async_eval(st.state)  # as the trainer does after every micro-batch
             pending["b"] = b
 
         def update():

@@ -15,8 +15,9 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 
-# Chunk so that one chunk's float32 logits hold about this many elements (64M = 256 MB).
-LOGITS_CHUNK_ELEMENTS = 1 << 26
+# Chunk so that one chunk's float32 logits hold about this many elements (16M = 64 MB). The loss keeps about 4
+# such buffers alive in the forward and 8 in the backward (measured), whatever the sequence length.
+LOGITS_CHUNK_ELEMENTS = 1 << 24
 
 
 def chunk_size_for(vocab_size: int) -> int:
@@ -45,10 +46,14 @@ def chunked_ce_sum(
         return _ce_sum(project, h, t, m)
     total = mx.array(0.0, dtype=mx.float32)
     for s in range(0, N, chunk):
+        # Chain the chunks: chunk i's input depends on the running total, so MLX cannot schedule the chunks side
+        # by side (it would, and then every chunk's logits are alive at once — chunking would bound nothing).
+        # Through the zero term the backward is chained too: chunk i-1's gradient waits for chunk i's.
+        hs = h[s : s + chunk] if s == 0 else h[s : s + chunk] + (0.0 * total).astype(h.dtype)
         # targets and mask are bound (not passed) so the checkpoint takes no gradient through integer indices;
         # bind by value: a late-bound closure would recompute every chunk with the last chunk's targets.
         fn = partial(_ce_sum, project, targets=t[s : s + chunk], mask=m[s : s + chunk])
-        total = total + mx.checkpoint(fn)(h[s : s + chunk])
+        total = total + mx.checkpoint(fn)(hs)
     return total
 
 
