@@ -185,7 +185,7 @@ def train(config: Union[str, Path, dict, Config, None] = None, *, resume: Union[
         model.load_weights(list(world.broadcast(adapter_weights(model)).items()), strict=False)
 
     # --- The run dir ----------------------------------------------------------------------------------------
-    if is_main:
+    def make_run_dir() -> None:
         run.root.mkdir(parents=True, exist_ok=True)
         clean_partial(run)
         cfg.save(run.config)
@@ -193,6 +193,8 @@ def train(config: Union[str, Path, dict, Config, None] = None, *, resume: Union[
             truncate_metrics(run.metrics, start_step)
         elif run.metrics.exists():
             run.metrics.unlink()
+
+    world.on_main(make_run_dir)
     lora_meta = dict(base_path=str(cfg.model.path), fingerprint=fingerprint, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
                      dropout=cfg.lora.dropout, targets=list(cfg.lora.targets), layers=cfg.lora.layers)
     all_reduce = None
