@@ -174,6 +174,7 @@ def atomic_save_safetensors(path: PathLike, arrays: dict[str, mx.array], metadat
     os.close(fd)
     try:
         mx.save_safetensors(tmp, arrays, metadata=metadata or {})
+        _default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -188,10 +189,18 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
+        _default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _default_mode(path: str) -> None:
+    """mkstemp makes 0600 files; give the final file the mode a plain open() would (0666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ than the tolerance, so none of them could pass with an adapter that does nothing
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import mlx.core as mx
@@ -55,6 +56,9 @@ def test_save_load_round_trip(tiny_llama_dir, tmp_path):
     assert saved["model.layers.1.self_attn.q_proj.lora_a"].shape == (64, 4)
     assert saved["model.layers.1.self_attn.q_proj.lora_b"].shape == (4, 64)
     assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temp files left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {oct((run / f).stat().st_mode & 0o777) for f in (WEIGHTS_FILE, CONFIG_FILE)} == {oct(0o666 & ~umask)}
 
     fresh, _ = load_base(tiny_llama_dir)
     wrapped = load_adapter(fresh, run)
