@@ -101,6 +101,8 @@ def _json_default(o):
 
 
 def list_checkpoints(run: RunDir) -> list[tuple[int, Path]]:
+    if run.root.exists() and not run.root.is_dir():  # checked before a run writes anything
+        raise CheckpointError(f"output_dir: {run.root} is a file, not a directory; choose another output_dir")
     if not run.checkpoints.is_dir():
         return []
     out = []
@@ -142,18 +144,35 @@ def save_checkpoint(run: RunDir, step: int, adapter: dict[str, mx.array], optimi
         for f in tmp.iterdir():
             _fsync_file(f)
         _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. resumed and interrupted again)
-            shutil.rmtree(final)
+        if final.exists():  # re-saving the same step (e.g. resumed from an older one): move the old one aside
+            old = run.checkpoints / f".tmp-old-{final.name}-{os.getpid()}"  # atomically, never half-deleted in place
+            os.rename(final, old)
+            shutil.rmtree(old, ignore_errors=True)
         os.rename(tmp, final)
         _fsync_dir(run.checkpoints)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # RuntimeError: MLX's writer ("[write] Unable to write ... bytes to file.")
         shutil.rmtree(tmp, ignore_errors=True)
+        prev = latest_checkpoint(run)
         raise CheckpointError(
-            f"{final}: could not write the checkpoint ({e.strerror or e}); the previous checkpoint is intact"
+            f"{final}: could not write the checkpoint ({_write_failure(e, run.checkpoints)}); "
+            + (f"the previous checkpoint {prev} is intact: free some space and continue with --resume" if prev
+               else "no earlier checkpoint exists")
         ) from None
     for s, p in list_checkpoints(run)[:-keep_last]:
         shutil.rmtree(p, ignore_errors=True)
     return final
+
+
+def _write_failure(e: Exception, where: Path) -> str:
+    """Why a write failed, with the free space when the disk looks full."""
+    why = getattr(e, "strerror", None) or str(e)
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return why
+    if getattr(e, "errno", None) in (28, 122) or free < 64 * 2**20:  # ENOSPC, EDQUOT, or under 64 MB left
+        return f"{why}; {free / 2**20:.1f} MB free on that disk"
+    return why
 
 
 def load_checkpoint(path: Path, expected: dict) -> tuple[dict, dict, dict]:
