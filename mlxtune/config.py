@@ -453,6 +453,8 @@ def load_config(
     elif source is not None:
         path = Path(source)
         src_name = str(path)
+        if path.is_dir():
+            raise ConfigError(f"{path}: is a directory, not a YAML config file; pass the .yaml file itself (see configs/)")
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:

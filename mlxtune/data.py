@@ -290,6 +290,8 @@ def resolve_source(path: str) -> Path:
     p = Path(path).expanduser()
     if p.exists():
         return p
+    if p.is_symlink():
+        raise DataError(f"{path}: a symlink to {os.readlink(p)}, which does not exist")
     if p.suffix.lower() in DATA_SUFFIXES or not _HUB_ID.match(path):
         siblings = sorted(f.name for f in p.parent.glob("*")) if p.parent.is_dir() else []
         from .errors import did_you_mean

@@ -106,6 +106,13 @@ class ModelArgs:
             raise ModelLoadError(f"{source}: missing required field(s) {', '.join(missing)}")
         kwargs = {k: v for k, v in config.items() if k in known}
         extra = {k: v for k, v in config.items() if k not in known}
+        for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size",
+                  "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            v = kwargs.get(k)
+            if isinstance(v, float) and v.is_integer():
+                kwargs[k] = v = int(v)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise ModelLoadError(f"{source}: {k}: expected a positive integer, got {v!r}")
         scaling = kwargs.get("rope_scaling")
         if scaling:
             rtype = scaling.get("rope_type", scaling.get("type", "default"))
@@ -117,6 +124,8 @@ class ModelArgs:
             return cls(**kwargs, extra=extra)
         except TypeError as e:  # wrong value types
             raise ModelLoadError(f"{source}: {e}") from None
+        except ModelLoadError as e:  # __post_init__'s checks name config.json; name the actual file
+            raise ModelLoadError(str(e).replace("config.json:", f"{source}:", 1)) from None
 
     def to_hf_config(self) -> dict:
         """config.json for transformers 4 and 5 and mlx-lm: top-level rope fields plus `rope_parameters`."""
