@@ -42,3 +42,23 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return __all__
+
+
+def _callable_module(module_name: str, func_name: str) -> None:
+    """Make submodule `module_name` callable as its function `func_name`.
+
+    `mlxtune.evaluate`, `mlxtune.generate` and `mlxtune.export` are both functions of the API and submodules.
+    Importing a submodule rebinds the package attribute to the module (Python's import system does that), so after
+    `import mlxtune.export` (the CLI does) `mlxtune.export(...)` would call a module. Forwarding calls keeps both
+    spellings working, whatever was imported first.
+    """
+    import sys
+    import types
+
+    module = sys.modules[module_name]
+
+    class _CallableModule(types.ModuleType):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            return getattr(self, func_name)(*args, **kwargs)
+
+    module.__class__ = _CallableModule

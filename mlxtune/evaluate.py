@@ -30,7 +30,6 @@ import math
 import os
 import sys
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
@@ -633,12 +632,6 @@ def _summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-class _CallableModule(types.ModuleType):
-    """Importing this submodule rebinds the package attribute `mlxtune.evaluate` from the lazily exported
-    function (mlxtune/__init__.py) to this module; forwarding calls keeps `mlxtune.evaluate(...)` working."""
+from . import _callable_module  # noqa: E402  (mlxtune.evaluate(...) keeps working after this import)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> dict:
-        return evaluate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+_callable_module(__name__, "evaluate")

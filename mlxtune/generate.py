@@ -30,7 +30,6 @@ import contextlib
 import copy
 import random
 import sys
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, TextIO, Union
@@ -603,12 +602,6 @@ def _cli_chat(args) -> int:
     return 0
 
 
-class _CallableModule(types.ModuleType):
-    """Importing this submodule rebinds the package attribute `mlxtune.generate` from the lazily exported
-    function (mlxtune/__init__.py) to this module; forwarding calls keeps `mlxtune.generate(...)` working."""
+from . import _callable_module  # noqa: E402  (mlxtune.generate(...) keeps working after this import)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> str:
-        return generate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+_callable_module(__name__, "generate")
