@@ -46,7 +46,7 @@ from .adapters import (
     load_adapter,
     read_adapter,
 )
-from .errors import AdapterError, MlxtuneError
+from .errors import AdapterError, ConfigError, MlxtuneError
 
 FORMATS = ("hf", "peft", "mlx-lm", "gguf")
 GGUF_OUTTYPES = ("f16", "q8_0")
@@ -277,18 +277,15 @@ def dequantize_model(model: nn.Module) -> nn.Module:
 
 
 def _quantize_arg(q):
-    from .config import QuantizeConfig
+    """A quantize spec for fuse: a bit count, {bits, group_size}, a QuantizeConfig or None (validated by loading)."""
+    from .loading import _check_quantize
 
-    if q is None or isinstance(q, QuantizeConfig):
-        return q
     if isinstance(q, int) and not isinstance(q, bool):
-        return QuantizeConfig(bits=q)
-    if isinstance(q, dict):
-        unknown = set(q) - {"bits", "group_size"}
-        if unknown:
-            raise ExportError(f"quantize: unknown key(s) {sorted(unknown)}; expected bits and group_size")
-        return QuantizeConfig(**q)
-    raise ExportError(f"quantize: expected {{'bits': 4, 'group_size': 64}} or a bit count, got {q!r}")
+        q = {"bits": q}
+    try:
+        return _check_quantize(q)
+    except ConfigError as e:
+        raise ExportError(str(e).replace("model.quantize", "quantize")) from None
 
 
 # ---------------------------------------------------------------------------------------------------------
