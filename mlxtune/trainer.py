@@ -14,12 +14,14 @@ Everything the user can get wrong (config, model dir, data) is checked before th
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -82,6 +84,38 @@ class _StopFlag:
     def __exit__(self, *exc):
         if self._prev is not None:
             signal.signal(signal.SIGINT, self._prev)
+
+
+def _all_finite(arrays) -> bool:
+    """True when every value of every (evaluated) array is finite; one host sync."""
+    return bool(mx.all(mx.stack([mx.all(mx.isfinite(a)) for a in arrays])).item())
+
+
+def _nonfinite_error(step: int, what: str, where: str, good: Optional[Path]) -> MlxtuneError:
+    """One line: the step and the batch where training diverged, and where the last good checkpoint is."""
+    resume = (f"the last good checkpoint is {good}: resume from it (--resume {good}) with a lower train.learning_rate "
+              f"or train.max_grad_norm, or check the examples of that batch") if good else (
+              "no checkpoint was written before it: lower train.learning_rate, or check the examples of that batch")
+    at = f" at {where}" if where else ""
+    return MlxtuneError(f"step {step}: {what}{at}; training stopped and this step was not saved; {resume}")
+
+
+@contextmanager
+def _disk_errors(run: RunDir, good):
+    """A full disk outside save_checkpoint (metrics, best/, the final adapter, loss.png) → one line, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = e.filename or run.root
+        raise MlxtuneError(f"{where}: {e.strerror} while writing the run; free some space, then continue with --resume "
+                           f"(last checkpoint: {good() or 'none'})") from None
+    except RuntimeError as e:  # MLX's safetensors writer: "[write] Unable to write N bytes to file."
+        if not str(e).startswith(("[write]", "[save_safetensors]")):
+            raise
+        raise MlxtuneError(f"{run.root}: could not write ({e}); is the disk full? free some space, then continue with "
+                           f"--resume (last checkpoint: {good() or 'none'})") from None
 
 
 def evaluate_loss(model, batches, max_batches: Optional[int] = None) -> dict:
@@ -231,6 +265,9 @@ def train(config: Union[str, Path, dict, Config, None] = None, *, resume: Union[
                 "total_steps": total_steps, "world_size": size}
 
     def save(step: int) -> None:  # every process waits for process 0's write and raises if it failed
+        if not _all_finite(adapter_weights(model).values()):  # never checkpoint inf/nan weights
+            raise _nonfinite_error(step, "the update made the LoRA weights inf/nan although the loss and gradient "
+                                   "were finite (train.learning_rate is far too large)", "", last_good())
         world.on_main(lambda: save_checkpoint(run, step, adapter_weights(model), optimizer.state,
                                               checkpoint_state(step), tc.keep_last))
 
@@ -239,10 +276,20 @@ def train(config: Union[str, Path, dict, Config, None] = None, *, resume: Union[
     window = {"loss": mx.array(0.0), "tokens": mx.array(0.0), "seen": 0, "t0": time.perf_counter()}
     trained_tokens, last_val, stopped_early, interrupted = 0.0, {}, False, False
     last_saved = start_step if resume_path is not None else -1
-    with _StopFlag() as flag:
+
+    def last_good() -> Optional[Path]:
+        return run.step_dir(last_saved) if last_saved > start_step else resume_path
+
+    def micro_name(j: int) -> str:  # where global micro-batch j comes from, for the NaN/inf error
+        epoch, pos = divmod(j, n_batches)
+        b = batching.epoch_order(n_batches, tc.seed, epoch, dc.shuffle)[pos]
+        return f"micro-batch {j} (epoch {epoch + 1}, position {pos + 1} of {n_batches}: training batch #{b})"
+
+    with _StopFlag() as flag, _disk_errors(run, last_good):
         while step < total_steps:
             first, last = step * k, min((step + 1) * k, total_micro)
             mine = [j for j in range(first, last) if j % size == rank]
+            step_losses = []  # (j, loss_sum) of this step's micro-batches, for the NaN/inf check
             if not mine:  # more processes than micro-batches in this step: contribute nothing, still all-reduce
                 grad_norm, lr = step_fn.update()
             for j in mine:
@@ -254,6 +301,7 @@ def train(config: Union[str, Path, dict, Config, None] = None, *, resume: Union[
                     loss_s, n_tok, grad_norm, lr = out
                 else:
                     loss_s, n_tok = out
+                step_losses.append((j, loss_s))
                 window["loss"] = window["loss"] + loss_s
                 window["tokens"] = window["tokens"] + n_tok
                 # Run this micro-batch now (asynchronously, so the next one's graph is built meanwhile). Without it
@@ -261,6 +309,14 @@ def train(config: Union[str, Path, dict, Config, None] = None, *, resume: Union[
                 mx.async_eval(step_fn.state, window["loss"], window["tokens"])
                 window["seen"] += int((b.inputs != pad_id).sum()) if b.segment_ids is None else int((b.segment_ids > 0).sum())
             mx.eval(step_fn.state, window["loss"], window["tokens"])
+            # A NaN/inf loss or gradient stops the run before anything of this step is saved. The gradient norm is
+            # global (all-reduced), so every process stops at the same step; local losses only name the batch.
+            if not _all_finite([grad_norm] + ([l for _, l in step_losses] if size == 1 else [])):
+                bad = [(j, float(l.item())) for j, l in step_losses if not math.isfinite(float(l.item()))]
+                if bad:
+                    raise _nonfinite_error(step + 1, f"the loss is {bad[0][1]}", micro_name(bad[0][0]), last_good())
+                where = "; ".join(micro_name(j) for j in range(first, min(last, first + 3))) + ("; ..." if last > first + 3 else "")
+                raise _nonfinite_error(step + 1, f"the gradient norm is {float(grad_norm.item())}", where, last_good())
             step += 1
 
             if step % tc.log_every == 0 or step == total_steps:
@@ -304,8 +360,9 @@ def train(config: Union[str, Path, dict, Config, None] = None, *, resume: Union[
     model.eval()
 
     def save_final() -> None:
-        adapters.save_adapter(model, run.root, **lora_meta)
-        plot_loss(run.metrics, run.loss_png)
+        with _disk_errors(run, last_good):
+            adapters.save_adapter(model, run.root, **lora_meta)
+            plot_loss(run.metrics, run.loss_png)
 
     world.on_main(save_final)  # the others wait for it: mlx.launch stops every process once one exits non-zero
     metrics = {"step": step, **{f"val_{k_}": v for k_, v in last_val.items() if k_ in ("loss", "ppl")}}
