@@ -93,8 +93,9 @@ def _all_finite(arrays) -> bool:
 
 def _nonfinite_error(step: int, what: str, where: str, good: Optional[Path]) -> MlxtuneError:
     """One line: the step and the batch where training diverged, and where the last good checkpoint is."""
-    resume = (f"the last good checkpoint is {good}: resume from it (--resume {good}) with a lower train.learning_rate "
-              f"or train.max_grad_norm, or check the examples of that batch") if good else (
+    resume = (f"the last good checkpoint is {good} (its weights are finite; if the loss was already climbing, use an "
+              f"earlier one or start over): resume with --resume PATH and a lower train.learning_rate, or check the "
+              f"examples of that batch") if good else (
               "no checkpoint was written before it: lower train.learning_rate, or check the examples of that batch")
     at = f" at {where}" if where else ""
     return MlxtuneError(f"step {step}: {what}{at}; training stopped and this step was not saved; {resume}")
