@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -79,7 +80,9 @@ def truncate_metrics(path: Path, max_step: int) -> None:
                 keep.append(line)
         except json.JSONDecodeError:
             continue  # a line torn by a kill
-    path.write_text("".join(l + "\n" for l in keep))
+    tmp = path.with_name(f".{path.name}.tmp")  # replaced atomically: a kill here must not lose the earlier records
+    tmp.write_text("".join(l + "\n" for l in keep))
+    os.replace(tmp, path)
 
 
 def plot_loss(metrics_path: Path, out: Path) -> Optional[Path]:
