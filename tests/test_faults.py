@@ -1,0 +1,345 @@
+"""Fault injection: SIGKILL at random moments (mid-step, mid-eval, mid-checkpoint-write) and resume, a full disk
+during a save, and a NaN/inf loss.
+
+    pytest tests/test_faults.py                                   # 3 kill rounds (part of `make test`)
+    MLXTUNE_FAULT_ROUNDS=20 MLXTUNE_FAULT_SEED=7 pytest tests/test_faults.py -k sigkill -s   # a longer soak
+
+Invariants: after every kill each `checkpoints/step_*` dir loads with `checkpoint.load_checkpoint` (a checkpoint
+is complete or absent), and after the last resume the adapters equal an uninterrupted run's bitwise, with the
+same losses. Kills land mid-write because the test (never the library) runs the trainer through a small launcher
+that makes each checkpoint file write and fsync sleep a little, and kills when a `.tmp-step_*` dir appears.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from reliability_helpers import ROOT, alpaca_lines, make_small_model_dir, run_config, write_yaml
+
+ROUNDS = int(os.environ.get("MLXTUNE_FAULT_ROUNDS", "3"))
+SEED = int(os.environ.get("MLXTUNE_FAULT_SEED", "0"))
+STEP_RE = re.compile(r"^step_\d+$")
+
+# The child process: the real CLI, with checkpoint writes slowed down (test-side monkeypatching only) so that a
+# kill can land between the files of a checkpoint, before its rename.
+SLOW_WRITES = """
+import sys, time
+import mlx.core as mx
+import mlxtune.checkpoint as ck
+_save, _fsync = mx.save_safetensors, ck._fsync_file
+def save(path, *a, **k):
+    _save(path, *a, **k)
+    if ".tmp-step_" in str(path):
+        time.sleep({delay})
+def fsync(path):
+    _fsync(path)
+    time.sleep({delay})
+mx.save_safetensors, ck._fsync_file = save, fsync
+from mlxtune.cli import main
+sys.argv = ["mlxtune"] + sys.argv[1:]
+main()
+"""
+WRITE_DELAY = 0.04  # seconds per file write and per fsync: a checkpoint write takes >= ~0.25 s
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    model = make_small_model_dir(root / "model")
+    data = root / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("\n".join(alpaca_lines(40)) + "\n")
+    (data / "valid.jsonl").write_text("\n".join(alpaca_lines(6, seed=1)) + "\n")
+    return root, model, data
+
+
+def _env(root: Path) -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "MLXTUNE_CACHE": str(root / "cache")}
+
+
+def _config(tmp: Path, setup, **train) -> Path:
+    root, model, data = setup
+    return write_yaml(tmp / "cfg.yaml", run_config(tmp, model, data, **train))
+
+
+def _adapter(path: Path) -> dict:
+    return {k: np.array(v) for k, v in mx.load(str(path)).items()}
+
+
+def _losses(run: Path) -> dict:
+    out = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "train_loss" in r:
+            out[r["step"]] = r["train_loss"]
+    return out
+
+
+def _expected(reference_run: Path) -> dict:
+    """What load_checkpoint must accept: the reference run's fingerprint, data hash and adapter shapes."""
+    last = sorted(p for p in (reference_run / "checkpoints").iterdir() if STEP_RE.match(p.name))[-1]
+    state = json.loads((last / "state.json").read_text())
+    shapes = {k: tuple(v.shape) for k, v in mx.load(str(last / "adapters.safetensors")).items()}
+    return {"fingerprint": state["fingerprint"], "base_path": state["base_path"], "data_hash": state["data_hash"],
+            "adapter_shapes": shapes}
+
+
+def _check_all_checkpoints_load(run: Path, expected: dict) -> list[int]:
+    """Every checkpoints/step_* dir must load (complete or absent); returns their steps."""
+    from mlxtune.checkpoint import load_checkpoint
+
+    cps = run / "checkpoints"
+    steps = []
+    for p in sorted(cps.iterdir()) if cps.is_dir() else []:
+        if STEP_RE.match(p.name):
+            _, _, state = load_checkpoint(p, expected)  # raises CheckpointError if unreadable or mismatched
+            assert state["step"] == int(p.name.split("_")[1])
+            steps.append(state["step"])
+    return steps
+
+
+def _tmp_dirs(run: Path) -> list[str]:
+    cps = run / "checkpoints"
+    return sorted(p.name for p in cps.iterdir() if p.name.startswith(".tmp-")) if cps.is_dir() else []
+
+
+@pytest.fixture(scope="module")
+def reference(setup, tmp_path_factory):
+    """An uninterrupted run (in-process: the same code path as the CLI, without a second interpreter start)."""
+    from mlxtune.trainer import train
+
+    root = setup[0]
+    tmp = tmp_path_factory.mktemp("reference")
+    os.environ["MLXTUNE_CACHE"] = str(root / "cache")
+    try:
+        res = train(_config(tmp, setup, max_steps=_steps()), quiet=True)
+    finally:
+        del os.environ["MLXTUNE_CACHE"]
+    assert res.steps == _steps()
+    return res.run_dir
+
+
+def _steps() -> int:
+    return 2 * ROUNDS + 4  # each kill round makes at least one step of progress
+
+
+def _launch(cfg: Path, env: dict, resume: bool, slow: bool) -> subprocess.Popen:
+    args = ["train", "-c", str(cfg), "--quiet"] + (["--resume"] if resume else [])
+    if slow:
+        cmd = [sys.executable, "-c", SLOW_WRITES.replace("{delay}", str(WRITE_DELAY)), *args]
+    else:
+        cmd = [sys.executable, "-m", "mlxtune", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+
+
+def _latest_step(run: Path) -> int:
+    cps = run / "checkpoints"
+    steps = [int(p.name.split("_")[1]) for p in cps.iterdir() if STEP_RE.match(p.name)] if cps.is_dir() else []
+    return max(steps, default=0)
+
+
+def _kill_round(p: subprocess.Popen, run: Path, mode: str, rng: random.Random, after_step: int, deadline: float) -> dict:
+    """Kill `p` per `mode`; returns what happened. 'write': when a checkpoint temp dir for a step > after_step
+    appears, after a random fraction of the write; 'time': at a random moment once a step > after_step is saved."""
+    cps = run / "checkpoints"
+    while time.time() < deadline:
+        if p.poll() is not None:
+            return {"finished": True}
+        if mode == "write":
+            names = [n for n in (os.listdir(cps) if cps.is_dir() else []) if n.startswith(".tmp-step_")]
+            hit = [n for n in names if int(n.split("_")[1].split("-")[0]) > after_step]
+            if hit:
+                time.sleep(rng.uniform(0, 4 * WRITE_DELAY))  # well inside the slowed write (>= 6 x WRITE_DELAY)
+                break
+            time.sleep(0.001)
+        else:
+            if _latest_step(run) > after_step:
+                time.sleep(rng.uniform(0, 0.5))
+                break
+            time.sleep(0.005)
+    else:
+        p.kill()
+        pytest.fail("no progress before the deadline")
+    if p.poll() is not None:
+        return {"finished": True}
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    return {"finished": False}
+
+
+def test_sigkill_anywhere_then_resume_equals_uninterrupted(setup, reference, tmp_path):
+    rng = random.Random(SEED)
+    root = setup[0]
+    cfg = _config(tmp_path, setup, max_steps=_steps())
+    run = tmp_path / "run"
+    env = _env(root)
+    expected = _expected(reference)
+    deadline = time.time() + 600
+    log, mid_write = [], 0
+    for r in range(ROUNDS):
+        mode = "write" if r % 2 == 0 else rng.choice(["write", "time"])
+        before = _latest_step(run)
+        p = _launch(cfg, env, resume=before > 0, slow=mode == "write")
+        res = _kill_round(p, run, mode, rng, before, deadline)
+        if res["finished"]:
+            out = p.stdout.read()
+            assert p.returncode == 0, out
+            log.append((r, mode, "finished"))
+            break
+        tmp_left = _tmp_dirs(run)
+        mid_write += bool(tmp_left)
+        steps = _check_all_checkpoints_load(run, expected)
+        log.append((r, mode, f"killed; checkpoints {steps}; temp dirs left {tmp_left}"))
+        assert not (run / "adapters.safetensors").exists() or _latest_step(run) == _steps()
+    print("\n".join(map(str, log)))
+    # the last resume runs to the end
+    p = _launch(cfg, env, resume=_latest_step(run) > 0, slow=False)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    assert not _tmp_dirs(run), "a resumed run cleans up temp dirs of killed writes"
+    _check_all_checkpoints_load(run, expected)
+    a, b = _adapter(run / "adapters.safetensors"), _adapter(reference / "adapters.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    assert _losses(run) == _losses(reference)
+    if ROUNDS >= 1:
+        assert mid_write >= 1, f"no kill landed inside a checkpoint write: {log}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A full disk during a save
+
+
+def _run_cli(argv, capsys) -> tuple[int, str]:
+    from mlxtune.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return e.value.code, capsys.readouterr().err.strip()
+
+
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(setup, reference, tmp_path, monkeypatch, capsys):
+    """MLX's writer fails as on a full disk (what it raises writing to /dev/full) while saving step 3."""
+    monkeypatch.setenv("MLXTUNE_CACHE", str(setup[0] / "cache"))
+    real = mx.save_safetensors
+
+    def full_disk(path, arrays, *a, **k):
+        if ".tmp-step_000003" in str(path):
+            Path(path).write_bytes(b"\0" * 8)  # a partial file, then the failure
+            raise RuntimeError("[write] Unable to write 8 bytes to file.")
+        return real(path, arrays, *a, **k)
+
+    monkeypatch.setattr(mx, "save_safetensors", full_disk)
+    cfg = _config(tmp_path, setup, max_steps=_steps())
+    code, err = _run_cli(["train", "-c", str(cfg), "--quiet"], capsys)
+    assert code == 2
+    assert err.startswith("error:") and len(err.splitlines()) == 1, err
+    run = tmp_path / "run"
+    assert "step_000003: could not write the checkpoint" in err and "Unable to write" in err
+    assert f"the previous checkpoint {run / 'checkpoints' / 'step_000002'} is intact" in err
+    assert _check_all_checkpoints_load(run, _expected(reference)) == [1, 2]
+    assert not _tmp_dirs(run)
+    assert not (run / "adapters.safetensors").exists()
+    # space freed: --resume finishes the run, bitwise equal to the uninterrupted one
+    monkeypatch.setattr(mx, "save_safetensors", real)
+    code, err = _run_cli(["train", "-c", str(cfg), "--quiet", "--resume"], capsys)
+    assert code == 0, err
+    a, b = _adapter(run / "adapters.safetensors"), _adapter(reference / "adapters.safetensors")
+    assert all(np.array_equal(a[k], b[k]) for k in b)
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    if sys.platform != "linux" or os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    return r.returncode == 0
+
+
+def test_real_full_disk_tmpfs(setup, reference, tmp_path, monkeypatch, capsys):
+    """A real ENOSPC: the run dir on a 200 KB tmpfs (Linux, root; skipped elsewhere). Whichever write hits the
+    full disk first (a checkpoint or metrics.jsonl), the error is one line and every checkpoint still loads."""
+    mnt = tmp_path / "small_disk"
+    if not _mount_tmpfs(mnt, "200k"):
+        pytest.skip("cannot mount a tmpfs here (needs Linux and root)")
+    try:
+        monkeypatch.setenv("MLXTUNE_CACHE", str(setup[0] / "cache"))
+        root, model, data = setup
+        cfg = write_yaml(tmp_path / "cfg.yaml", {**run_config(tmp_path, model, data, max_steps=40, eval_every=0),
+                                                 "output_dir": str(mnt / "run")})
+        code, err = _run_cli(["train", "-c", str(cfg), "--quiet"], capsys)
+        assert code == 2, err
+        assert err.startswith("error:") and len(err.splitlines()) == 1, err
+        assert "No space left on device" in err or "Unable to write" in err, err
+        assert "--resume" in err
+        steps = _check_all_checkpoints_load(mnt / "run", _expected(reference))
+        assert steps, "some checkpoints fit before the disk filled up"
+        assert not _tmp_dirs(mnt / "run")
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# NaN / inf
+
+
+def test_nan_loss_stops_naming_step_and_batch(setup, tmp_path, monkeypatch, capsys):
+    """lr 1e30: step 1's update makes the LoRA weights ~1e30 (finite, saved), step 2's loss overflows."""
+    monkeypatch.setenv("MLXTUNE_CACHE", str(setup[0] / "cache"))
+    cfg = _config(tmp_path, setup, learning_rate=1e30, warmup_ratio=0.0)
+    code, err = _run_cli(["train", "-c", str(cfg), "--quiet"], capsys)
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    run = tmp_path / "run"
+    m = re.match(r"error: step 2: the (loss|gradient norm) is (nan|inf|-inf) at micro-batch (\d+) \(epoch 1, position \d+ of \d+: "
+                 r"training batch #\d+\)", err)
+    assert m, err
+    assert int(m.group(3)) in (2, 3)  # step 2 = global micro-batches 2 and 3 (grad_accumulation 2)
+    assert f"the last good checkpoint is {run / 'checkpoints' / 'step_000001'}" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000001"]
+    assert not (run / "adapters.safetensors").exists()
+    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "train_loss" in r] == [1]
+
+
+def test_poisoned_weight_stops_at_step_1_without_checkpoint(setup, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLXTUNE_CACHE", str(setup[0] / "cache"))
+    root, model, data = setup
+    bad = tmp_path / "model"
+    shutil.copytree(model, bad)
+    w = dict(mx.load(str(bad / "model.safetensors")))
+    norm = np.array(w["model.norm.weight"])
+    norm[3] = np.nan
+    w["model.norm.weight"] = mx.array(norm)
+    mx.save_safetensors(str(bad / "model.safetensors"), w, metadata={"format": "pt"})
+    cfg = write_yaml(tmp_path / "cfg.yaml", run_config(tmp_path, bad, data))
+    code, err = _run_cli(["train", "-c", str(cfg), "--quiet"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: step 1: the loss is nan at micro-batch 0 (epoch 1, position 1 of"), err
+    assert "no checkpoint was written before it" in err
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_inf_weights_with_finite_loss_are_never_checkpointed(setup, tmp_path, monkeypatch, capsys):
+    """lr 1e39 is inf in float32: step 1's loss and gradient are finite, its update is not — nothing is saved."""
+    monkeypatch.setenv("MLXTUNE_CACHE", str(setup[0] / "cache"))
+    cfg = _config(tmp_path, setup, learning_rate=1e39, warmup_ratio=0.0)
+    code, err = _run_cli(["train", "-c", str(cfg), "--quiet"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: step 1: the update made the LoRA weights inf/nan although the loss and gradient "
+                          "were finite"), err
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
