@@ -61,6 +61,8 @@ class LoraConfig:
     "Linear layers to adapt (q_proj ... down_proj; short q, k, v, o, gate, up, down also work)."
     layers: Optional[Union[int, list[int]]] = None
     "null: every layer; an int n: the last n layers; a list: those layer indices."
+    init_adapter: Optional[str] = None
+    "Continue from this adapter (mlxtune run/adapter dir, PEFT dir or mlx-lm dir); its rank, alpha, targets, layers win."
 
     def __post_init__(self):
         if self.rank <= 0:

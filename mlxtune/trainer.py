@@ -15,6 +15,7 @@ Everything the user can get wrong (config, model dir, data) is checked before th
 from __future__ import annotations
 
 import errno
+import dataclasses
 import hashlib
 import json
 import math
@@ -28,7 +29,6 @@ from typing import Any, Optional, Union
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 
 from .checkpoint import RunDir, clean_partial, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint, write_json_atomic
 from .config import Config, load_config
@@ -197,8 +197,16 @@ def train(config: Union[str, Path, dict, Config, None] = None, *, resume: Union[
         memory_guard(cfg, model, train_batches)
 
     mx.random.seed(tc.seed)
-    wrapped = apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets, cfg.lora.layers,
-                         verbose=is_main and not quiet)
+    if cfg.lora.init_adapter:  # continue from an existing adapter (any format adapters.py reads)
+        spec = adapters.read_adapter(cfg.lora.init_adapter)
+        adapters.load_adapter(model, cfg.lora.init_adapter)
+        cfg = dataclasses.replace(cfg, lora=dataclasses.replace(
+            cfg.lora, rank=spec.rank, alpha=spec.alpha, dropout=spec.dropout, targets=list(spec.targets), layers=spec.layers))
+        if is_main and not quiet:
+            print(f"starting from the {spec.format} adapter {spec.path} (rank {spec.rank}, alpha {spec.alpha:g})")
+    else:
+        apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets, cfg.lora.layers,
+                   verbose=is_main and not quiet)
     model.grad_checkpoint = tc.grad_checkpoint
     fingerprint = model.source["fingerprint"]
     expected = {
@@ -208,7 +216,7 @@ def train(config: Union[str, Path, dict, Config, None] = None, *, resume: Union[
         "data_hash": _data_hash(train_batches, cfg),
     }
     optimizer = make_optimizer(tc, total_steps)
-    start_step, early = 0, {"best": None, "best_step": None, "bad_evals": 0}
+    start_step, early, resumed_tokens = 0, {"best": None, "best_step": None, "bad_evals": 0}, 0.0
     world.check_same("base model or training data", [fingerprint, expected["data_hash"]])
     if resume_path is not None:
         adapter, opt_state, state = world.on_main(lambda: load_checkpoint(resume_path, expected))
@@ -216,6 +224,7 @@ def train(config: Union[str, Path, dict, Config, None] = None, *, resume: Union[
         optimizer.state = opt_state
         start_step = int(state["step"])
         early = state.get("early_stopping", early)
+        resumed_tokens = float(state.get("trained_tokens", 0.0))
     elif size > 1:  # every process starts from process 0's LoRA init, bit for bit whatever its hardware
         model.load_weights(list(world.broadcast(adapter_weights(model)).items()), strict=False)
 
@@ -263,7 +272,7 @@ def train(config: Union[str, Path, dict, Config, None] = None, *, resume: Union[
     def checkpoint_state(step: int) -> dict:
         return {"micro_index": step * k, "seed": tc.seed, "epoch": step * k / n_batches, "early_stopping": early,
                 "fingerprint": fingerprint, "base_path": str(cfg.model.path), "data_hash": expected["data_hash"],
-                "total_steps": total_steps, "world_size": size}
+                "total_steps": total_steps, "world_size": size, "trained_tokens": trained_tokens}
 
     def save(step: int) -> None:  # every process waits for process 0's write and raises if it failed
         if not _all_finite(adapter_weights(model).values()):  # never checkpoint inf/nan weights
@@ -275,7 +284,8 @@ def train(config: Union[str, Path, dict, Config, None] = None, *, resume: Union[
     # --- The loop ---------------------------------------------------------------------------------------------
     step = start_step
     window = {"loss": mx.array(0.0), "tokens": mx.array(0.0), "seen": 0, "t0": time.perf_counter()}
-    trained_tokens, last_val, stopped_early, interrupted = 0.0, {}, False, False
+    trained_tokens, last_val, stopped_early, interrupted = resumed_tokens, {}, False, False
+    mx.reset_peak_memory()  # report training memory, not the transients of loading and converting the model
     last_saved = start_step if resume_path is not None else -1
 
     def last_good() -> Optional[Path]:
@@ -389,7 +399,7 @@ def _validate(model, tokenizer, valid_batches, valid_examples, cfg: Config, step
             if isinstance(v, (int, float)):
                 rec[f"val_{k_}"] = v
                 res[k_] = v
-        line += " | " + " | ".join(f"{k_} {v:.4f}" for k_, v in gm.items() if isinstance(v, (int, float)))
+        line += " | " + " | ".join(f"{k_} {v:.4f}" for k_, v in gm.items() if isinstance(v, (int, float)) and k_ != "n_examples")
     monitor.log(rec, line)
     return res
 

@@ -387,3 +387,22 @@ def test_packed_checkpointed_gradients_equal_plain():
         _, g = __import__("mlx.nn", fromlist=["nn"]).value_and_grad(m, lambda mm: loss_sum(mm, inp, inp, mx.ones((2, 24)), seg)[0])(m)
         grads.append(dict(tree_flatten(g)))
     assert _max_rel(grads[1], grads[0]) <= 1e-6
+
+
+def test_continue_training_from_imported_peft_adapter(tmp_path, tiny_llama_dir, tiny_data, uninterrupted):
+    """lora.init_adapter: start from an adapter in another format (here the PEFT export of a finished run).
+    With a vanishing learning rate the result is the imported adapter; the run's config records its shape."""
+    import mlxtune.trainer as trainer
+    from mlxtune.config import load_config
+    from mlxtune.export import export
+
+    full_run, _ = uninterrupted
+    peft_dir = export(full_run, "peft", tmp_path / "peft")
+    cfg = _config(tmp_path, tiny_llama_dir, tiny_data, max_steps=2, learning_rate=1e-12, save_every=100, eval_every=100)
+    res = trainer.train(cfg, quiet=True, lora={"init_adapter": str(peft_dir), "rank": 8, "dropout": 0.0})
+    saved = load_config(res.run_dir / "config.yaml")
+    assert saved.lora.rank == 4 and saved.lora.init_adapter == str(peft_dir)
+    a, b = _adapter(res.run_dir), _adapter(full_run)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7)
