@@ -151,22 +151,23 @@ def _latest_step(run: Path) -> int:
     return max(steps, default=0)
 
 
-def _kill_round(p: subprocess.Popen, run: Path, mode: str, rng: random.Random, after_step: int, deadline: float) -> dict:
-    """Kill `p` per `mode`; returns what happened. 'write': when a checkpoint temp dir for a step > after_step
-    appears, after a random fraction of the write; 'time': at a random moment once a step > after_step is saved."""
+def _kill_round(p: subprocess.Popen, run: Path, mode: str, rng: random.Random, min_step: int, deadline: float) -> dict:
+    """Kill `p` per `mode`; returns what happened. 'write': when this process starts writing the checkpoint of a
+    step >= min_step, after a random fraction of the write; 'time': at a random moment once it has saved a
+    step >= min_step."""
     cps = run / "checkpoints"
     while time.time() < deadline:
         if p.poll() is not None:
             return {"finished": True}
-        if mode == "write":
-            names = [n for n in (os.listdir(cps) if cps.is_dir() else []) if n.startswith(".tmp-step_")]
-            hit = [n for n in names if int(n.split("_")[1].split("-")[0]) > after_step]
+        if mode == "write":  # temp dirs are named .tmp-step_NNNNNN-<pid>: ignore those a killed process left
+            names = [n for n in (os.listdir(cps) if cps.is_dir() else []) if n.startswith(".tmp-step_") and n.endswith(f"-{p.pid}")]
+            hit = [n for n in names if int(n.split("_")[1].split("-")[0]) >= min_step]
             if hit:
                 time.sleep(rng.uniform(0, 4 * WRITE_DELAY))  # well inside the slowed write (>= 6 x WRITE_DELAY)
                 break
             time.sleep(0.001)
         else:
-            if _latest_step(run) > after_step:
+            if _latest_step(run) >= min_step:
                 time.sleep(rng.uniform(0, 0.5))
                 break
             time.sleep(0.005)
@@ -188,12 +189,14 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(setup, reference, tmp
     env = _env(root)
     expected = _expected(reference)
     deadline = time.time() + 600
-    log, mid_write = [], 0
+    log, mid_write, last_target = [], 0, 0
     for r in range(ROUNDS):
-        mode = "write" if r % 2 == 0 else rng.choice(["write", "time"])
+        mode = ("write", "time")[r % 2]  # alternate: inside a checkpoint write / at a random moment of training
         before = _latest_step(run)
+        target = max(before, last_target) + 1  # every round gets further than the last: no kill loop
+        last_target = target
         p = _launch(cfg, env, resume=before > 0, slow=mode == "write")
-        res = _kill_round(p, run, mode, rng, before, deadline)
+        res = _kill_round(p, run, mode, rng, target, deadline)
         if res["finished"]:
             out = p.stdout.read()
             assert p.returncode == 0, out
@@ -202,7 +205,7 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(setup, reference, tmp
         tmp_left = _tmp_dirs(run)
         mid_write += bool(tmp_left)
         steps = _check_all_checkpoints_load(run, expected)
-        log.append((r, mode, f"killed; checkpoints {steps}; temp dirs left {tmp_left}"))
+        log.append((r, mode, f"killed at step >= {target}; checkpoints {steps}; temp dirs left {tmp_left}"))
         assert not (run / "adapters.safetensors").exists() or _latest_step(run) == _steps()
     print("\n".join(map(str, log)))
     # the last resume runs to the end
