@@ -611,7 +611,16 @@ def _advice(cfg, spec: ModelSpec, shapes, budget: Optional[int]) -> str:
     if not alts:
         return "use a machine with more memory"
     parts = [f"{what} (~{_gb(v)})" for what, v in alts]
-    return "to lower it set " + ", or ".join(parts)
+    advice = "to lower it set " + ", or ".join(parts)
+    if budget is not None and len(alts) > 1 and min(v for _, v in alts) > budget:  # no single change is enough
+        c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_checkpoint=True))
+        sh = [(max(1, b // 2), l, p) for b, l, p in shapes]
+        q = spec
+        if spec.quantized is None:
+            wb, _ = weight_bytes(spec.args, spec.dtype, {"bits": 4, "group_size": 64})
+            q = dataclasses.replace(spec, weight_bytes=wb, quantized={"bits": 4, "group_size": 64})
+        advice += f"; checkpointing, half the batch and a 4-bit base together: ~{_gb(_estimate_for(c, q, sh).total)}"
+    return advice
 
 
 def memory_guard(cfg, model, train_batches) -> Optional[MemoryEstimate]:
