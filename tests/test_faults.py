@@ -52,7 +52,7 @@ from mlxtune.cli import main
 sys.argv = ["mlxtune"] + sys.argv[1:]
 main()
 """
-WRITE_DELAY = 0.04  # seconds per file write and per fsync: a checkpoint write takes >= ~0.25 s
+WRITE_DELAY = 0.05  # seconds per file write and per fsync: a checkpoint write takes >= 5 x 0.05 = 0.25 s
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def _kill_round(p: subprocess.Popen, run: Path, mode: str, rng: random.Random, m
             names = [n for n in (os.listdir(cps) if cps.is_dir() else []) if n.startswith(".tmp-step_") and n.endswith(f"-{p.pid}")]
             hit = [n for n in names if int(n.split("_")[1].split("-")[0]) >= min_step]
             if hit:
-                time.sleep(rng.uniform(0, 4 * WRITE_DELAY))  # well inside the slowed write (>= 6 x WRITE_DELAY)
+                time.sleep(rng.uniform(0, 2 * WRITE_DELAY))  # well inside the slowed write (>= 5 x WRITE_DELAY)
                 break
             time.sleep(0.001)
         else:
