@@ -11,7 +11,7 @@ echo "== 1/4 train: mlxtune train -c configs/demo.yaml --output_dir $RUN"
 mlxtune train -c configs/demo.yaml --output_dir "$RUN"
 
 echo "== 2/4 evaluate base vs tuned on the held-out test split"
-mlxtune eval --adapter "$RUN" --split test --compare --max-tokens 96 --out "$RUN/eval"
+mlxtune eval --adapter "$RUN" --split test --compare --max-tokens 64 --out "$RUN/eval"
 
 echo "== 3/4 fuse the adapter into the base: $RUN/fused (a Hugging Face dir; transformers and mlx-lm load it)"
 mlxtune fuse "$RUN" --out "$RUN/fused"
