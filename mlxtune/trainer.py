@@ -189,11 +189,9 @@ def train(config: Union[str, Path, dict, Config, None] = None, *, resume: Union[
     total_steps = tc.max_steps if tc.max_steps is not None else max(1, math.ceil(total_micro / k))
     total_micro = max(total_micro, total_steps * k) if tc.max_steps is not None else total_micro
 
-    try:
+    if tc.memory_guard != "off":  # the estimate against available memory: warn, or refuse with what to change
         from .diagnostics import memory_guard
-    except ImportError:  # written by the reliability issue
-        memory_guard = None
-    if memory_guard is not None and tc.memory_guard != "off":
+
         memory_guard(cfg, model, train_batches)
 
     mx.random.seed(tc.seed)
