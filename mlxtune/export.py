@@ -285,7 +285,7 @@ def _quantize_arg(q):
     try:
         return _check_quantize(q)
     except ConfigError as e:
-        raise ExportError(str(e).replace("model.quantize", "quantize")) from None
+        raise ExportError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------------------
