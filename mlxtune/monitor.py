@@ -101,12 +101,11 @@ def plot_loss(metrics_path: Path, out: Path) -> Optional[Path]:
             val.append((r["step"], r["val_loss"]))
     if not train and not val:
         return None
-    import matplotlib
+    # A standalone Figure (no pyplot): never switches the process's backend, so inline plots in a notebook survive.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), label="train")
     if val:
@@ -118,6 +117,5 @@ def plot_loss(metrics_path: Path, out: Path) -> Optional[Path]:
     fig.tight_layout()
     tmp = out.with_name(".loss.png.tmp")
     fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
     tmp.replace(out)
     return out
