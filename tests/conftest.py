@@ -127,6 +127,32 @@ def make_tiny_model_dir(out: Path, family: str = "llama", vocab_size: int = 512,
     return out
 
 
+def make_bpe_model_dir(out: Path, texts: list[str], vocab_size: int = 512) -> Path:
+    """A random 2-layer Llama with a byte-level BPE of `vocab_size` tokens trained on `texts`, saved by mlxtune.
+
+    Loads and trains in milliseconds (the real 128k-vocabulary tokenizers make the output layer dominate), for tests
+    that run many short trainings (data parallel, QLoRA)."""
+    import mlx.core as mx
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from mlxtune.loading import save_model
+    from mlxtune.model import Model, ModelArgs
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                       show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    mx.random.seed(0)
+    model = Model(ModelArgs(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok), tie_word_embeddings=True))
+    save_model(model, tok, out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, llama3_tokenizer_dir) -> Path:
     """A random tiny Llama 3 (tied head, llama3 rope scaling, GQA) with the real Llama 3 tokenizer."""

@@ -24,6 +24,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+
+from conftest import make_bpe_model_dir
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,12 +60,6 @@ with open(sys.argv[2] + "/rank" + str(world.rank()) + ".json", "w") as f:
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory, alpaca_seed_dir):
     """(model dir, data dir): a random 2-layer Llama with a 512-token byte-level BPE trained on the seed data."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from mlxtune.loading import save_model
-    from mlxtune.model import Model, ModelArgs
-
     root = tmp_path_factory.mktemp("dist")
     lines = (alpaca_seed_dir / "train.jsonl").read_text().splitlines()
     data = root / "data"
@@ -71,16 +67,7 @@ def assets(tmp_path_factory, alpaca_seed_dir):
     (data / "train.jsonl").write_text("\n".join(lines[:24]) + "\n")
     (data / "valid.jsonl").write_text("\n".join(lines[24:30]) + "\n")
     texts = [v for line in lines for v in json.loads(line).values() if isinstance(v, str)]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"], show_progress=False,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    mx.random.seed(0)
-    model = Model(ModelArgs(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok), tie_word_embeddings=True))
-    save_model(model, tok, root / "model")
+    make_bpe_model_dir(root / "model", texts)
     return root / "model", data
 
 

@@ -15,6 +15,8 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from conftest import make_bpe_model_dir
+
 QUANT = {"bits": 4, "group_size": 32}  # the tiny model's dims (64, 128) are multiples of 32
 
 
@@ -26,12 +28,6 @@ def assets(tmp_path_factory, alpaca_seed_dir):
     Not conftest's tiny_llama_dir: its real Llama 3 vocabulary (128,256 rows) makes the 4-bit tied output
     projection cost ~5 s per forward on a 2-core CPU (MLX's CPU quantized matmul is slow), ~75 s for 15 steps.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from mlxtune.loading import save_model
-    from mlxtune.model import Model, ModelArgs
-
     root = tmp_path_factory.mktemp("qlora")
     rows = [json.loads(l) for l in (alpaca_seed_dir / "train.jsonl").read_text().splitlines()]
     short = sorted(rows, key=lambda r: len(r["instruction"]) + len(r["input"]) + len(r["output"]))[:12]
@@ -40,16 +36,7 @@ def assets(tmp_path_factory, alpaca_seed_dir):
     (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short[:8]))
     (data / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short[8:]))
     texts = [v for r in rows for v in r.values() if isinstance(v, str)]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"], show_progress=False,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    mx.random.seed(0)
-    model = Model(ModelArgs(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok), tie_word_embeddings=True))
-    save_model(model, tok, root / "model")
+    make_bpe_model_dir(root / "model", texts)
     return root / "model", data
 
 
