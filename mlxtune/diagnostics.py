@@ -74,7 +74,7 @@ ATTENTION_TRANSIENT = 2.0
 "Attention-probability-sized temporaries while one layer is differentiated: dP and dS (counted: 2)."
 LOGITS_COPIES = 3.0
 "Unchunked loss (N <= chunk): float32 (N, V) arrays alive: logits, softmax and their gradient (counted: 3)."
-CHUNK_COPIES = (2.0, 1.8, 11.5)
+CHUNK_COPIES = (1.5, 1.8, 11.5)
 """Chunked loss: min(a + b * n_chunks, c) float32 chunk-sized buffers alive (fitted: MLX overlaps the chained
 chunks' recomputations; measured 5.9, 9.8, 11.3, 11.4 buffers at 2, 4, 8, 16 chunks)."""
 CKPT_PER_LAYER = 2.0
