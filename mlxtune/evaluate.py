@@ -66,7 +66,7 @@ def token_nll(model: nn.Module, batch: Any) -> mx.array:
     The output projection runs a chunk of tokens at a time (loss.chunk_size_for), so B x L x V logits never
     exist at once. Packed batches (segment_ids) attend within their own example.
     """
-    from .loss import chunk_size_for
+    from .loss import chunk_size_for, token_nll as chunk_nll
 
     seg = None if batch.segment_ids is None else mx.array(batch.segment_ids)
     pos = None if getattr(batch, "positions", None) is None else mx.array(batch.positions)
@@ -77,9 +77,7 @@ def token_nll(model: nn.Module, batch: Any) -> mx.array:
     chunk = chunk_size_for(model.args.vocab_size)
     parts = []
     for s in range(0, B * L, chunk):
-        logits = model.project(h[s : s + chunk]).astype(mx.float32)  # (n, V)
-        target_logit = mx.take_along_axis(logits, targets[s : s + chunk, None], axis=-1)[:, 0]
-        nll = mx.logsumexp(logits, axis=-1) - target_logit
+        nll = chunk_nll(model.project, h[s : s + chunk], targets[s : s + chunk])  # (n,)
         mx.eval(nll)
         parts.append(nll)
     return mx.concatenate(parts).reshape(B, L) * mx.array(batch.loss_mask)

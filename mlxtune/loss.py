@@ -24,12 +24,16 @@ def chunk_size_for(vocab_size: int) -> int:
     return max(64, LOGITS_CHUNK_ELEMENTS // max(vocab_size, 1))
 
 
-def _ce_sum(project: Callable, h: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
-    """Sum of masked token NLL for h (N, D), targets (N,), mask (N,) float."""
+def token_nll(project: Callable, h: mx.array, targets: mx.array) -> mx.array:
+    """Per-token NLL in nats (N,) float32 for hidden states h (N, D) and targets (N,)."""
     logits = project(h).astype(mx.float32)  # (N, V)
     lse = mx.logsumexp(logits, axis=-1)
-    target_logit = mx.take_along_axis(logits, targets[:, None], axis=-1).squeeze(-1)
-    return ((lse - target_logit) * mask).sum()
+    return lse - mx.take_along_axis(logits, targets[:, None], axis=-1).squeeze(-1)
+
+
+def _ce_sum(project: Callable, h: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
+    """Sum of masked token NLL for h (N, D), targets (N,), mask (N,) float."""
+    return (token_nll(project, h, targets) * mask).sum()
 
 
 def chunked_ce_sum(
