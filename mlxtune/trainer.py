@@ -119,24 +119,11 @@ def _disk_errors(run: RunDir, good):
                            f"--resume (last checkpoint: {good() or 'none'})") from None
 
 
-def evaluate_loss(model, batches, max_batches: Optional[int] = None) -> dict:
-    """Token-weighted validation loss and perplexity over `batches` (model in eval mode)."""
-    from .loss import batch_arrays, loss_sum
+def evaluate_loss(model, batches) -> dict:
+    """Token-weighted validation loss and perplexity over `batches` (evaluate.score: eval mode, restored after)."""
+    from .evaluate import score
 
-    was_training = model.training
-    model.eval()
-    total, count = mx.array(0.0), mx.array(0.0)
-    for i, b in enumerate(batches):
-        if max_batches is not None and i >= max_batches:
-            break
-        s, n = loss_sum(model, *batch_arrays(b))
-        total, count = total + s, count + n
-        mx.eval(total, count)
-    if was_training:
-        model.train()
-    n = float(count.item())
-    loss = float(total.item()) / max(n, 1.0)
-    return {"loss_sum": float(total.item()), "n_tokens": n, "loss": loss, "ppl": math.exp(min(loss, 50.0))}
+    return score(model, batches)
 
 
 def train(config: Union[str, Path, dict, Config, None] = None, *, resume: Union[bool, str, None] = None,
@@ -386,7 +373,9 @@ def _validate(model, tokenizer, valid_batches, valid_examples, cfg: Config, step
     res = evaluate_loss(model, valid_batches[: tc.eval_batches][world.rank():: world.size()])
     if world.size() > 1:
         s, n = world.sum_scalars([res["loss_sum"], res["n_tokens"]])
-        res = {"loss_sum": s, "n_tokens": n, "loss": s / max(n, 1.0), "ppl": math.exp(min(s / max(n, 1.0), 50.0))}
+        from .evaluate import _ppl
+
+        res = {"loss_sum": s, "n_tokens": n, "loss": s / max(n, 1.0), "ppl": _ppl(s / max(n, 1.0))}
     rec = {"step": step, "val_loss": res["loss"], "val_ppl": res["ppl"], "val_tokens": res["n_tokens"]}
     line = f"step {step}: val loss {res['loss']:.4f} | val ppl {res['ppl']:.3f}"
     if tc.eval_generate:

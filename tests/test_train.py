@@ -281,7 +281,7 @@ def test_early_stopping_on_crafted_curve(tmp_path, tiny_llama_dir, tiny_data, mo
     curve = iter([5.0, 4.0, 3.5, 3.6, 3.7, 3.8, 3.9])
     snapshots = {}
 
-    def fake_eval(model, batches, max_batches=None):
+    def fake_eval(model, batches):
         from mlxtune.lora import adapter_weights
 
         v = next(curve)
