@@ -9,6 +9,7 @@ The same dotted names are used in YAML, on the command line, in code and in the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -180,6 +181,9 @@ class TrainConfig:
     "Compile the train step with mx.compile."
     memory_guard: str = "warn"
     "Before training, compare the memory estimate with what is available: warn, refuse or off."
+    memory_limit_gb: Optional[float] = None
+    ("GPU memory cap during training (mx.set_memory_limit): above it, evaluation waits for the device, so inputs held by "
+     "queued GPU work cannot pile up beyond the step's live set; slower (docs/TROUBLESHOOTING.md); null: MLX's default.")
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -200,6 +204,9 @@ class TrainConfig:
             raise ConfigError(f"train.memory_guard: {self.memory_guard!r} is not one of warn, refuse, off")
         if self.keep_last < 1:
             raise ConfigError(f"train.keep_last: must be at least 1, got {self.keep_last}")
+        if self.memory_limit_gb is not None and not 0 < self.memory_limit_gb < math.inf:
+            raise ConfigError(f"train.memory_limit_gb: must be a positive number of GB (or null: MLX's default), "
+                              f"got {self.memory_limit_gb}")
 
 
 @dataclass

@@ -119,6 +119,22 @@ def _disk_errors(run: RunDir, good):
                            f"--resume (last checkpoint: {good() or 'none'})") from None
 
 
+@contextmanager
+def _memory_limit(gb: Optional[float]):
+    """train.memory_limit_gb: MLX's memory limit for the duration of training, the previous one restored after.
+
+    Above the limit, MLX evaluation waits for the device before queueing more work, so the inputs that queued GPU
+    command buffers keep alive cannot pile up beyond the step's live set (docs/TROUBLESHOOTING.md). None: untouched."""
+    if gb is None:
+        yield
+        return
+    previous = mx.set_memory_limit(int(gb * 1e9))
+    try:
+        yield
+    finally:
+        mx.set_memory_limit(previous)
+
+
 def evaluate_loss(model, batches) -> dict:
     """Token-weighted validation loss and perplexity over `batches` (evaluate.score: eval mode, restored after)."""
     from .evaluate import score
@@ -281,7 +297,10 @@ def train(config: Union[str, Path, dict, Config, None] = None, *, resume: Union[
         b = batching.epoch_order(n_batches, tc.seed, epoch, dc.shuffle)[pos]
         return f"micro-batch {j} (epoch {epoch + 1}, position {pos + 1} of {n_batches}: training batch #{b})"
 
-    with _StopFlag() as flag, _disk_errors(run, last_good):
+    if tc.memory_limit_gb is not None and is_main and not quiet:
+        print(f"memory limit: {float(tc.memory_limit_gb)} GB (MLX evaluation waits for the device when active memory "
+              f"exceeds it)", flush=True)
+    with _StopFlag() as flag, _disk_errors(run, last_good), _memory_limit(tc.memory_limit_gb):
         while step < total_steps:
             first, last = step * k, min((step + 1) * k, total_micro)
             mine = [j for j in range(first, last) if j % size == rank]
