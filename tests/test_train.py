@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -123,6 +124,44 @@ def test_chunked_loss_equals_full():
         return mx.grad(lambda hh: chunked_ce_sum(m.project, hh, mx.array(tgt), mx.array(mask), chunk_size=chunk))(h)
 
     assert float(mx.abs(g(7) - g(10_000)).max()) < 1e-5
+
+
+def test_fused_loss_gradient_equals_autodiff():
+    """The hand-written chunk gradient (loss._ce_sum_fused) against autodiff through the same chunks, in float32
+    and in bfloat16 (the GPU dtype), chunked and in one piece, with masked tokens."""
+    from mlxtune.loss import chunked_ce_sum
+
+    m = tiny_model()
+    rng = np.random.default_rng(2)
+    inp, tgt, mask = _batch(rng, 3, 40)
+    h = m(mx.array(inp), return_hidden=True)
+    for dtype, tol in ((mx.float32, 1e-5), (mx.bfloat16, 2e-2)):
+        m.set_dtype(dtype)  # LoRA factors too: fine for a loss test
+        hd = h.astype(dtype)
+        for chunk in (7, 10_000):
+            def g(fused):
+                f = lambda hh: chunked_ce_sum(m.project, hh, mx.array(tgt), mx.array(mask), chunk_size=chunk, fused=fused)  # noqa: E731
+                return mx.value_and_grad(f)(hd)
+
+            (v1, g1), (v0, g0) = g(True), g(False)
+            assert abs(float(v1) - float(v0)) <= 1e-6 * abs(float(v0))
+            err = float(mx.abs(g1.astype(mx.float32) - g0.astype(mx.float32)).max() / mx.abs(g0.astype(mx.float32)).max())
+            assert err <= tol, (dtype, chunk, err)
+            assert float(mx.abs(g0).max()) > 0
+
+
+def test_trainable_output_projection_gets_its_gradient():
+    """A custom gradient would drop the output weights' own gradient: loss_sum uses autodiff when they train."""
+    from mlxtune.loss import loss_sum
+
+    m = tiny_model()
+    m.output_weight().unfreeze()
+    rng = np.random.default_rng(3)
+    inp, tgt, mask = _batch(rng, 2, 16)
+    grads = nn.value_and_grad(m, lambda mod: loss_sum(mod, mx.array(inp), mx.array(tgt), mx.array(mask), chunk_size=5)[0])(m)[1]
+    g = dict(tree_flatten(grads))
+    w = [k for k in g if "embed_tokens" in k or "lm_head" in k]
+    assert w and float(mx.abs(g[w[0]]).max()) > 0
 
 
 def test_schedule_warmup_then_cosine():
