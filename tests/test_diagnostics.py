@@ -43,7 +43,10 @@ def measure_peak(c: dict) -> dict:
     targets, layers, dropout = c.get("targets"), c.get("layers"), c.get("dropout", 0.0)
     args = ModelArgs(model_type="llama", hidden_size=c["D"], intermediate_size=c["F"], num_hidden_layers=nl,
                      num_attention_heads=c["H"], num_key_value_heads=c["K"], vocab_size=c["V"], tie_word_embeddings=True)
+    import gc
+
     mx.random.seed(0)
+    gc.collect()  # an earlier test's model and step (reference cycles) must not be freed during this measurement
     mx.clear_cache()
     before = mx.get_active_memory()
     mx.reset_peak_memory()
