@@ -95,14 +95,15 @@ def reset_memory():
 # Model builders
 
 
-def build_mlxtune(cfg: dict, dtype, quantize=None, ckpt=False):
+def build_mlxtune(cfg: dict, dtype, quantize=None, ckpt=False, quantize_embedding=True):
     from mlxtune.lora import apply_lora
     from mlxtune.model import Model, ModelArgs
 
     model = Model(ModelArgs.from_hf_config(cfg))
     model.set_dtype(dtype)
     if quantize:
-        nn.quantize(model, group_size=64, bits=quantize)
+        pred = None if quantize_embedding else (lambda _, m: isinstance(m, nn.Linear))
+        nn.quantize(model, group_size=64, bits=quantize, class_predicate=pred)
     mx.eval(model.parameters())
     apply_lora(model, rank=16, alpha=32, dropout=0.0, targets=TARGETS, verbose=False)
     model.grad_checkpoint = ckpt
@@ -179,12 +180,13 @@ class MlxLmStep:
 # Rows
 
 
-def dense_row(impl: str, cfg: dict, B: int, L: int, ckpt: bool, dtype, quantize=None, warmup=3, steps=10) -> dict:
+def dense_row(impl: str, cfg: dict, B: int, L: int, ckpt: bool, dtype, quantize=None, warmup=3, steps=10,
+              quantize_embedding=True) -> dict:
     reset_memory()
     rng = np.random.default_rng(0)
     data = [rng.integers(0, cfg["vocab_size"], (B, L + 1)).astype(np.int32) for _ in range(warmup + steps)]
     if impl == "mlxtune":
-        model = build_mlxtune(cfg, dtype, quantize, ckpt)
+        model = build_mlxtune(cfg, dtype, quantize, ckpt, quantize_embedding)
         st = mlxtune_step(model)
         mask = mx.ones((B, L))
 
@@ -379,6 +381,10 @@ def main():
         r["mfu"] = 4 * n_params_flop(cfg) * r["tok_s"] / rate
         results.append(r)
         print(json.dumps(r), flush=True)
+        if args.json:  # after every row: a call cut short by its time limit keeps what it measured
+            Path(args.json).write_text(json.dumps({"device": str(mx.default_device()), "matmul_flops": rate,
+                                                   "env": {k: v for k, v in os.environ.items() if k.startswith("MLX_")},
+                                                   "results": results}, indent=1))
 
     for row in rows:
         for impl in impls:
@@ -410,8 +416,6 @@ def main():
                 print(json.dumps({"row": row, "impl": "peft", "error": f"{type(e).__name__}: {e}"[:300]}), flush=True)
     print()
     print(table(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": str(mx.default_device()), "matmul_flops": rate, "results": results}, indent=1))
 
 
 def table(results: list[dict]) -> str:
