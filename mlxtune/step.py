@@ -7,8 +7,8 @@ Two small pure functions, each compiled once per input shape, with their state d
     update()                                          -> (grad_norm, lr)        # ∇ = Σ∇ / Σ tokens; clip; AdamW
     micro(..., update=True)                           -> both, as ONE compiled call (the last micro-batch of a step)
 
-(The first micro-batch of a step writes the accumulator rather than adding to it, and the last one feeds the
-update without writing it back, so a step of one micro-batch never touches it.)
+(A step of one micro-batch runs `micro(..., update=True)` on a zero accumulator: its gradient goes straight to
+the update and the accumulator is never touched.)
 
 Fusing the last micro-batch with the update matters: each compiled call flattens and writes back the whole
 state (~1,500 arrays for a 3B model with LoRA), and the H100 probe (benchmarks/NOTES.md) showed two calls per
@@ -79,38 +79,26 @@ class TrainStep:
         self.chunk_size = chunk_size
         self.all_reduce = all_reduce  # data parallel: sums a tree across processes (distributed.py)
         self.acc = {"grads": tree_map(mx.zeros_like, model.trainable_parameters()), "tokens": mx.array(0.0)}
-        # True while the accumulator holds nothing of the current step: the next micro-batch *writes* it instead of
-        # adding to it, so it is never reset to zeros (the reset and the first add were ~800 launched operations
-        # per update for a 3B model; the step is bound by operations launched, not FLOPs: NOTES.md).
+        # True while the accumulator is zero (at every step boundary). A step of ONE micro-batch then feeds its
+        # gradient straight to the update and never touches the accumulator: no add, no reset (~800 of the ~13,000
+        # operations a 3B step launched; the step is bound by operations launched, not FLOPs: NOTES.md).
         self._fresh = True
         if not optimizer.state:  # create the optimizer state now so its arrays are part of the compiled state
             optimizer.init(model.trainable_parameters())
         self.state = [model.state, optimizer.state, mx.random.state, self.acc]
         self._grad_fn = nn.value_and_grad(model, self._loss)
-        fns = {
-            ("micro", True): partial(self._micro_impl, first=True),
-            ("micro", False): partial(self._micro_impl, first=False),
-            ("fused", True): partial(self._fused_impl, first=True),
-            ("fused", False): partial(self._fused_impl, first=False),
-            ("update", True): partial(self._update_impl, fresh=True),
-            ("update", False): partial(self._update_impl, fresh=False),
-        }
         wrap = partial(mx.compile, inputs=self.state, outputs=self.state) if compile else (lambda f: f)
-        self._fns = {k: wrap(f) for k, f in fns.items()}
+        self._micro, self._update, self._fused = wrap(self._micro_impl), wrap(self._update_impl), wrap(self._fused_impl)
+        self._fused_alone = wrap(self._fused_alone_impl)
 
     def _loss(self, model, inputs, targets, loss_mask, segment_ids=None):
         total, n = loss_sum(model, inputs, targets, loss_mask, segment_ids, self.chunk_size)
         return total, n
 
-    def _accumulated(self, args, first: bool):
-        """(loss_sum, n_tokens) of this micro-batch and the step's gradient sums and token count so far."""
+    def _micro_impl(self, *args):
         (total, n), grads = self._grad_fn(self.model, *args)
-        if first:
-            return total, n, grads, n
-        return total, n, tree_map(mx.add, self.acc["grads"], grads), self.acc["tokens"] + n
-
-    def _micro_impl(self, *args, first: bool):
-        total, n, self.acc["grads"], self.acc["tokens"] = self._accumulated(args, first)
+        self.acc["grads"] = tree_map(mx.add, self.acc["grads"], grads)
+        self.acc["tokens"] = self.acc["tokens"] + n
         return total, n
 
     def _apply(self, grads, tokens):
@@ -128,28 +116,36 @@ class TrainStep:
         self.optimizer.update(self.model, tree_map(lambda g: g * scale.astype(g.dtype), grads))
         return norm, self.optimizer.state["learning_rate"]  # the rate this update used
 
-    def _update_impl(self, fresh: bool):
-        if fresh:  # nothing accumulated (a process with no micro-batch this step still joins the all-reduce)
-            return self._apply(tree_map(mx.zeros_like, self.acc["grads"]), mx.array(0.0))
-        return self._apply(self.acc["grads"], self.acc["tokens"])
+    def _update_impl(self):
+        norm, lr = self._apply(self.acc["grads"], self.acc["tokens"])
+        self.acc["grads"] = tree_map(mx.zeros_like, self.acc["grads"])
+        self.acc["tokens"] = mx.zeros_like(self.acc["tokens"])
+        return norm, lr
 
-    def _fused_impl(self, *args, first: bool):
-        total, n, grads, tokens = self._accumulated(args, first)
-        norm, lr = self._apply(grads, tokens)
+    def _fused_impl(self, *args):
+        total, n = self._micro_impl(*args)
+        norm, lr = self._update_impl()
+        return total, n, norm, lr
+
+    def _fused_alone_impl(self, *args):  # the step's only micro-batch: the accumulator stays zero, untouched
+        (total, n), grads = self._grad_fn(self.model, *args)
+        norm, lr = self._apply(grads, n)
         return total, n, norm, lr
 
     def micro(self, inputs, targets, loss_mask, segment_ids=None, update: bool = False):
         """Accumulate one micro-batch: (loss_sum, n_tokens); with update=True also apply the update and
         return (loss_sum, n_tokens, grad_norm, lr)."""
         args = (inputs, targets, loss_mask) if segment_ids is None else (inputs, targets, loss_mask, segment_ids)
-        out = self._fns[("fused" if update else "micro", self._fresh)](*args)
+        if update:
+            out = (self._fused_alone if self._fresh else self._fused)(*args)
+        else:
+            out = self._micro(*args)
         self._fresh = update
         return out
 
     def update(self) -> tuple[mx.array, mx.array]:
-        out = self._fns[("update", self._fresh)]()
         self._fresh = True
-        return out
+        return self._update()
 
     def eval_state(self) -> None:
         mx.eval(self.state)
