@@ -21,6 +21,24 @@ import yaml
 
 from .errors import ConfigError, did_you_mean
 
+# --- Enumerations: defined once here, imported everywhere else ------------------------------------------------
+DTYPES = ("float32", "bfloat16", "float16")
+"Weight dtypes a model can be loaded in."
+DATA_FORMATS = ("alpaca", "sharegpt", "messages", "completions", "text")
+"Record formats the data loader reads (data.format may also be auto)."
+TEMPLATES = ("alpaca", "chatml", "llama3")
+"Built-in prompt templates (data.template may also be auto, tokenizer or a .jinja file)."
+TEMPLATE_CHOICES = ("auto", "tokenizer") + TEMPLATES
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"The linear layers LoRA adapts by default."
+TARGET_ALIASES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
+                  "down": "down_proj"}
+"Short names a config may use: `targets: [q, k, v, o, gate, up, down]`."
+EXPORT_FORMATS = ("hf", "peft", "mlx-lm", "gguf")
+"What `mlxtune export --format` writes."
+SCHEDULES = ("cosine", "linear", "constant")
+MEMORY_GUARD_MODES = ("warn", "refuse", "off")
+
 
 @dataclass
 class QuantizeConfig:
@@ -46,7 +64,7 @@ class ModelConfig:
     "Quantize the frozen base at load (QLoRA), e.g. {bits: 4, group_size: 64}; null keeps it dense."
 
     def __post_init__(self):
-        if self.dtype is not None and self.dtype not in ("float32", "bfloat16", "float16"):
+        if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"model.dtype: {self.dtype!r} is not one of float32, bfloat16, float16")
 
 
@@ -112,7 +130,7 @@ class DataConfig:
             raise ConfigError(f"data.packing: expected true or false (or auto), got {self.packing!r}")
         if self.on_too_long not in ("truncate", "error"):
             raise ConfigError(f"data.on_too_long: {self.on_too_long!r} is not one of truncate, error")
-        templates = ("auto", "tokenizer", "alpaca", "chatml", "llama3")
+        templates = TEMPLATE_CHOICES
         if self.template not in templates and not self.template.endswith((".jinja", ".j2")):
             raise ConfigError(f"data.template: {self.template!r} is not one of {', '.join(templates)} or a .jinja file"
                               f"{did_you_mean(self.template, templates)}")
@@ -124,7 +142,7 @@ class DataConfig:
             raise ConfigError(f"data.train_on: {self.train_on!r} is not one of responses, all")
         if self.on_bad_line not in ("error", "skip"):
             raise ConfigError(f"data.on_bad_line: {self.on_bad_line!r} is not one of error, skip")
-        formats = ("auto", "alpaca", "sharegpt", "messages", "completions", "text")
+        formats = ("auto",) + DATA_FORMATS
         if self.format not in formats:
             raise ConfigError(f"data.format: {self.format!r} is not one of {', '.join(formats)}{did_you_mean(self.format, formats)}")
 
@@ -194,13 +212,13 @@ class TrainConfig:
             raise ConfigError(f"train.learning_rate: must be positive, got {self.learning_rate}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"train.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
-        if self.schedule not in ("cosine", "linear", "constant"):
+        if self.schedule not in SCHEDULES:
             raise ConfigError(f"train.schedule: {self.schedule!r} is not one of cosine, linear, constant")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"train.max_steps: must be at least 1, got {self.max_steps}")
         if self.epochs <= 0:
             raise ConfigError(f"train.epochs: must be positive, got {self.epochs}")
-        if self.memory_guard not in ("warn", "refuse", "off"):
+        if self.memory_guard not in MEMORY_GUARD_MODES:
             raise ConfigError(f"train.memory_guard: {self.memory_guard!r} is not one of warn, refuse, off")
         if self.keep_last < 1:
             raise ConfigError(f"train.keep_last: must be at least 1, got {self.keep_last}")

@@ -1,7 +1,9 @@
 """The `mlxtune` command: parse, resolve the config, call the Python API. No training logic lives here.
 
-Each command is defined next to the API it calls, by a `register_cli(subparsers)` function in that module
-(argument definitions sit beside the code that reads them, so a flag cannot be parsed and never arrive).
+All argument parsing lives in this package, one module per command group, each with a `register(subparsers)`
+that adds its subcommands and sets `func=handler` (and `accepts_overrides=True` for commands that take
+`--section.key value` config overrides). Handlers turn arguments into API calls and print the results; the library
+modules they call neither parse arguments nor print usage.
 Errors in the user's input (MlxtuneError) print one line, `error: ...`, and exit with code 2.
 """
 
@@ -13,21 +15,21 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from .errors import EXIT_USER_ERROR, MlxtuneError
+from ..errors import EXIT_USER_ERROR, MlxtuneError
 
 # Modules that contribute subcommands, in the order `mlxtune --help` lists them.
 COMMAND_MODULES = (
-    "mlxtune.trainer",  # train
-    "mlxtune.evaluate",  # eval
-    "mlxtune.generate",  # generate, chat
-    "mlxtune.export",  # fuse, export
-    "mlxtune.data",  # data inspect|convert
-    "mlxtune.diagnostics",  # estimate, doctor, download
+    "mlxtune.cli.train",  # train
+    "mlxtune.cli.eval",  # eval
+    "mlxtune.cli.generate",  # generate, chat
+    "mlxtune.cli.export",  # fuse, export
+    "mlxtune.cli.data",  # data inspect|convert
+    "mlxtune.cli.tools",  # estimate, doctor, download
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="mlxtune",
@@ -36,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mlxtune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        importlib.import_module(name).register_cli(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

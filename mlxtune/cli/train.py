@@ -1,0 +1,3 @@
+"""Stub: the owner of this command group moves its argparse code and handlers here (issue #14)."""
+
+from ..trainer import register_cli as register  # noqa: F401
