@@ -46,3 +46,11 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return ' (did you mean "x"?)' for the closest valid name, or '' when nothing is close."""
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
     return f' (did you mean "{close[0]}"?)' if close else ""
+
+
+class OutputExistsError(MlxtuneError):
+    """An output path that already exists and was not ours to replace (pass --force / overwrite=True)."""
+
+
+class DiskError(MlxtuneError):
+    """A write that failed in the file system (full disk, read-only dir, missing parent): names the path and the fix."""
