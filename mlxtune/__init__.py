@@ -1,11 +1,15 @@
 """mlxtune: LoRA fine-tuning for Llama 3.x and Qwen2/2.5 on MLX.
 
-Notebook API (imported lazily, so `import mlxtune` is quick):
+A plain facade: each public name is looked up in the module that owns it the first time it is used, so
+`import mlxtune` stays quick (MLX, transformers and friends load on first use). No public name shares its spelling
+with a submodule, so importing any submodule never shadows an API function.
 
     model, tokenizer = mlxtune.load("path/or/model.gguf", adapter=None, dtype=None)
     mlxtune.apply_lora(model, rank=16, alpha=32, dropout=0.0, targets=None, layers=None)
-    result = mlxtune.train("configs/demo.yaml", train={"max_steps": 20})
-    mlxtune.evaluate(...), mlxtune.generate(...), mlxtune.fuse(model), mlxtune.save_model(model, tokenizer, out)
+    result = mlxtune.train("configs/demo.yaml", train={"max_steps": 20}, callbacks=[MyCallback()])
+    mlxtune.evaluate(...), mlxtune.generate(...), mlxtune.chat(...)
+    mlxtune.merge_lora(model)            # fold LoRA into the base weights in place (was `mlxtune.fuse`)
+    mlxtune.save_model(model, tokenizer, out)
     mlxtune.export(run_dir, format="peft", out=...)
 """
 
@@ -16,18 +20,23 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+# public name -> the module that defines it
 _API = {
     "load": "mlxtune.loading",
-    "save_model": "mlxtune.loading",
+    "save_model": "mlxtune.saving",
     "apply_lora": "mlxtune.lora",
-    "fuse": "mlxtune.lora",
+    "plan_lora": "mlxtune.lora",
+    "merge_lora": "mlxtune.lora",
+    "fuse": "mlxtune.lora",  # deprecated alias of merge_lora (not the `mlxtune fuse` command)
     "Config": "mlxtune.config",
     "load_config": "mlxtune.config",
     "train": "mlxtune.trainer",
-    "evaluate": "mlxtune.evaluate",
-    "generate": "mlxtune.generate",
-    "chat": "mlxtune.generate",
-    "export": "mlxtune.export",
+    "TrainResult": "mlxtune.trainer",
+    "Callback": "mlxtune.callbacks",
+    "evaluate": "mlxtune.eval",
+    "generate": "mlxtune.generation",
+    "chat": "mlxtune.chat_repl",
+    "export": "mlxtune.exports",
     "MlxtuneError": "mlxtune.errors",
 }
 
@@ -44,21 +53,5 @@ def __dir__() -> list[str]:
     return __all__
 
 
-def _callable_module(module_name: str, func_name: str) -> None:
-    """Make submodule `module_name` callable as its function `func_name`.
-
-    `mlxtune.evaluate`, `mlxtune.generate` and `mlxtune.export` are both functions of the API and submodules.
-    Importing a submodule rebinds the package attribute to the module (Python's import system does that), so after
-    `import mlxtune.export` (the CLI does) `mlxtune.export(...)` would call a module. Forwarding calls keeps both
-    spellings working, whatever was imported first.
-    """
-    import sys
-    import types
-
-    module = sys.modules[module_name]
-
-    class _CallableModule(types.ModuleType):
-        def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            return getattr(self, func_name)(*args, **kwargs)
-
-    module.__class__ = _CallableModule
+def _callable_module(module_name: str, func_name: str) -> None:  # TEMPORARY during the #14 refactor; removed at the end
+    return None

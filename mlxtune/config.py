@@ -38,6 +38,8 @@ EXPORT_FORMATS = ("hf", "peft", "mlx-lm", "gguf")
 "What `mlxtune export --format` writes."
 SCHEDULES = ("cosine", "linear", "constant")
 MEMORY_GUARD_MODES = ("warn", "refuse", "off")
+TRACKERS = ("tensorboard", "wandb")
+"Experiment trackers train.report_to can name."
 
 
 @dataclass
@@ -202,6 +204,8 @@ class TrainConfig:
     memory_limit_gb: Optional[float] = None
     ("GPU memory cap during training (mx.set_memory_limit): above it, evaluation waits for the device, so inputs held by "
      "queued GPU work cannot pile up beyond the step's live set; slower (docs/TROUBLESHOOTING.md); null: MLX's default.")
+    report_to: list[str] = field(default_factory=list)
+    "Experiment trackers to log to: tensorboard, wandb (each an optional extra: pip install 'mlxtune[wandb]')."
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -222,6 +226,10 @@ class TrainConfig:
             raise ConfigError(f"train.memory_guard: {self.memory_guard!r} is not one of warn, refuse, off")
         if self.keep_last < 1:
             raise ConfigError(f"train.keep_last: must be at least 1, got {self.keep_last}")
+        for name in self.report_to:
+            if name not in TRACKERS:
+                raise ConfigError(f"train.report_to: {str(name)[:40]!r} is not one of {', '.join(TRACKERS)}"
+                                  f"{did_you_mean(str(name), TRACKERS)}")
         if self.memory_limit_gb is not None and not 0 < self.memory_limit_gb < math.inf:
             raise ConfigError(f"train.memory_limit_gb: must be a positive number of GB (or null: MLX's default), "
                               f"got {self.memory_limit_gb}")
