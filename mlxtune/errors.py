@@ -54,3 +54,7 @@ class OutputExistsError(MlxtuneError):
 
 class DiskError(MlxtuneError):
     """A write that failed in the file system (full disk, read-only dir, missing parent): names the path and the fix."""
+
+
+class ExportError(MlxtuneError):
+    """A bad export request: unknown format or outtype, an existing --out, a model GGUF cannot hold."""

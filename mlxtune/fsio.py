@@ -1,0 +1,320 @@
+"""The one atomic file and directory writer: whatever kills the process, a path holds a complete copy.
+
+Every file is written to a hidden temp beside its target, `.NAME.tmp-PID-RAND` (plus the target's suffix, so a
+library writer that insists on one, like `mx.save_safetensors`, keeps it), fsynced, renamed over the target
+(`os.replace`, atomic on POSIX) and the directory fsynced. A directory is built in such a temp dir and swapped
+into place: an existing copy is first renamed to `.NAME.old-PID`, the new one renamed to NAME, and only then is
+the old copy deleted — there is never a moment without one complete copy on disk, and `recover(path)` puts the
+old copy back if the process died between the two renames.
+
+fsync reaches the storage: on macOS `os.fsync` only reaches the drive's cache, so `fcntl.F_FULLFSYNC` is used
+there when available. Directory fsync is skipped where the platform refuses it. A full disk is recognised by
+`errno.ENOSPC` / `errno.EDQUOT` (looked up by name: the numbers differ between Linux and macOS) or by MLX's
+writer errors.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import secrets
+import shutil
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Union
+
+from .errors import MlxtuneError, OutputExistsError
+
+PathLike = Union[str, os.PathLike]
+
+_DISK_FULL = tuple(getattr(errno, name) for name in ("ENOSPC", "EDQUOT") if hasattr(errno, name))
+# .NAME.tmp-PID-RAND[.suffix] and .NAME.old-PID: the hidden names this module leaves while it works.
+_HIDDEN = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)(?:-[0-9a-f]{8})?(?:\.[^.]*)?$")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fsync policy
+
+
+def _fsync_fd(fd: int) -> None:
+    if sys.platform == "darwin":
+        import fcntl
+
+        full = getattr(fcntl, "F_FULLFSYNC", None)
+        if full is not None:
+            try:
+                fcntl.fcntl(fd, full)
+                return
+            except OSError:  # a file system without F_FULLFSYNC (e.g. some network mounts): plain fsync
+                pass
+    os.fsync(fd)
+
+
+def fsync_file(path: PathLike) -> None:
+    """Flush a file's data to storage (F_FULLFSYNC on macOS)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _fsync_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: PathLike) -> None:
+    """Flush a directory's entries (renames, new files) to storage; a no-op where the platform refuses it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # Windows cannot open a directory
+        return
+    try:
+        _fsync_fd(fd)
+    except OSError:  # EINVAL / EBADF: this file system does not sync directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether a write failed for lack of space: ENOSPC or EDQUOT, or MLX's writer error ("[write]", ...)."""
+    if isinstance(exc, OSError):
+        return exc.errno in _DISK_FULL
+    if isinstance(exc, RuntimeError):  # MLX reports "[write] Unable to write N bytes to file." without an errno
+        msg = str(exc)
+        return "[write]" in msg or "[save_safetensors]" in msg
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Names and removal
+
+
+def _temp_path(path: Path) -> Path:
+    return path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}"
+
+
+def _old_path(path: Path) -> Path:
+    return path.parent / f".{path.name}.old-{os.getpid()}"
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there: assume alive, remove nothing
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, someone else's
+        return True
+    return True
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            p = Path(dirpath) / f
+            if not p.is_symlink():
+                fsync_file(p)
+        fsync_dir(dirpath)
+
+
+def _check_free(path: Path) -> None:
+    """Refuse to replace an existing path (an empty directory does not count: it holds nothing to lose)."""
+    if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+        return
+    raise OutputExistsError(f"{path}: already exists; choose another path, or pass overwrite=True (--force) to replace it")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Atomic files
+
+
+@contextmanager
+def atomic_file(path: PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a hidden temp path beside `path` for a writer to create; on success it is fsynced and renamed
+    over `path` (one atomic rename), on error removed. Missing parent dirs are created.
+
+    Without `overwrite`, an existing `path` raises OutputExistsError (before and again after writing).
+    """
+    path = Path(path)
+    if not overwrite and _exists(path):
+        _check_free(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path)
+    try:
+        yield tmp
+        if not overwrite and _exists(path):
+            _check_free(path)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def write_bytes(path: PathLike, data: Union[bytes, str]) -> None:
+    """Atomically write `data` (str: UTF-8) to `path`, replacing it; the parent dir must exist."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "parent directory does not exist", str(path.parent))
+    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    with atomic_file(path, overwrite=True) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0666 less the umask, as open() gives
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, os.PathLike):
+        return os.fspath(o)
+    if hasattr(o, "tolist"):  # mx.array, numpy arrays and scalars
+        return o.tolist()
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def read_json_object(path: PathLike, error: type = MlxtuneError) -> dict:
+    """A JSON file that must hold an object: one `error` naming the file (and line) when it is unreadable, not UTF-8,
+    not JSON, or not an object. The one JSON reader for the files mlxtune's artifacts are made of."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise error(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not UTF-8 text") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def write_json(path: PathLike, obj: Any) -> None:
+    """Atomically write `obj` as indented UTF-8 JSON with a final newline (paths and arrays converted)."""
+    write_bytes(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+
+
+def save_safetensors(path: PathLike, arrays: Mapping[str, Any], metadata: Optional[Mapping[str, str]] = None) -> None:
+    """Atomically write `arrays` with `mx.save_safetensors`; the parent dir must exist."""
+    import mlx.core as mx
+
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "parent directory does not exist", str(path.parent))
+    with atomic_file(path, overwrite=True) as tmp:
+        mx.save_safetensors(str(tmp), dict(arrays), metadata=dict(metadata or {}))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Atomic directories
+
+
+@contextmanager
+def atomic_dir(path: PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a hidden temp dir beside `path` to fill; on success it is fsynced and swapped into place.
+
+    An existing `path` (with `overwrite`) is renamed to `.NAME.old-PID`, the temp renamed to `path`, then the
+    old copy deleted: one complete copy exists at every moment. On error the temp is removed and `path` is
+    untouched. Without `overwrite` an existing non-empty `path` raises OutputExistsError. Missing parent dirs
+    are created.
+    """
+    path = Path(path)
+    recover(path)
+    if not overwrite and _exists(path):
+        _check_free(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        _swap_in(tmp, path, overwrite)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _swap_in(tmp: Path, path: Path, overwrite: bool) -> None:
+    if not _exists(path):
+        os.rename(tmp, path)
+        fsync_dir(path.parent)
+        return
+    if not overwrite:
+        _check_free(path)  # something appeared while we worked
+    old = _old_path(path)
+    if _exists(old):  # left by an earlier process with our pid; `path` is complete, so it is a spare copy
+        _remove(old)
+    os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(old, path)  # put the old copy back; the caller removes the temp
+        raise
+    fsync_dir(path.parent)
+    _remove(old)
+
+
+def recover(path: PathLike) -> bool:
+    """After a crash: when `path` is missing, restore the newest `.NAME.old-PID` left by a dead process (or
+    this one); then remove temps of `path` left by dead processes. Returns True when a copy was restored."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return False
+    restored = False
+    olds, temps = [], []
+    for p in path.parent.iterdir():
+        m = _HIDDEN.match(p.name)
+        if not m or m["name"] != path.name:
+            continue
+        pid = int(m["pid"])
+        if pid != os.getpid() and _pid_alive(pid):
+            continue  # another live process is mid-write: not ours to touch
+        (olds if m["kind"] == "old" else temps).append(p)
+    if olds and not _exists(path):
+        newest = max(olds, key=lambda p: p.lstat().st_mtime)
+        os.rename(newest, path)
+        fsync_dir(path.parent)
+        olds.remove(newest)
+        restored = True
+    for p in olds:  # `path` is complete: these are spare copies
+        _remove(p)
+    for p in temps:
+        if int(_HIDDEN.match(p.name)["pid"]) != os.getpid():
+            _remove(p)
+    return restored
+
+
+def clean_temps(directory: PathLike) -> list[Path]:
+    """Remove hidden temps (`.NAME.tmp-PID-...`) that dead processes left in `directory`, and their spare
+    `.NAME.old-PID` copies when NAME exists (a missing NAME is restored from its old copy: see recover).
+    Returns the paths removed."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    removed = []
+    for p in sorted(d.iterdir()):
+        m = _HIDDEN.match(p.name)
+        if not m or _pid_alive(int(m["pid"])):
+            continue
+        if m["kind"] == "old":
+            if not _exists(d / m["name"]):
+                recover(d / m["name"])
+                continue
+        _remove(p)
+        removed.append(p)
+    return removed
