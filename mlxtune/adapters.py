@@ -1,53 +1,53 @@
-"""Adapter files: write mlxtune's own, read mlxtune / PEFT / mlx-lm adapters back into LoRA layers.
+"""Adapter files in every format, read and write, checked against the base model.
 
-mlxtune's format (what a run dir holds at its root, and what `save_adapter` writes):
+mlxtune's format (a run dir holds the same two files at its root):
 
-    adapters.safetensors   `model.layers.0.self_attn.q_proj.lora_a` (in, r), `... .lora_b` (r, out), float32
-    adapter_config.json    {"format": "mlxtune-lora", "format_version": 1,
-                            "base_model": {path, fingerprint, model_type, hidden_size, num_hidden_layers,
-                                           quantization, dtype},
-                            "rank", "alpha", "dropout", "targets", "layers", "wrapped"}
+    adapters.safetensors   `model.layers.0.self_attn.q_proj.lora_a` (in, r), `.lora_b` (r, out), float32;
+                           metadata {"format": "mlx", "mlxtune_save_id": ID}
+    adapter_config.json    {"format": "mlxtune-lora", "format_version": 1, "save_id": ID, "base_model": {path,
+                            fingerprint, model_type, hidden_size, num_hidden_layers, quantization, dtype},
+                            "rank", "alpha", "dropout", "targets", "layers" (indices), "wrapped"}
 
-`layers` is stored resolved (explicit indices), `targets` with short names expanded (`q` -> `q_proj`), and
-`base_model.quantization` is `{"bits", "group_size"}` when the adapter was trained on a base quantized at load
-(QLoRA, `load(..., quantize=...)`), with `base_model.dtype` the base's float dtype, so fusing can rebuild the
-exact function that was trained.
+`base_model.quantization` ({"bits", "group_size"}, QLoRA) and `dtype` let fusing rebuild the trained function.
 
-`read_adapter(path)` reads any of the three formats into one `AdapterSpec` (mlxtune names and layouts);
-`load_adapter(model, path)` checks it against the model and applies it. Every mismatch found (files, format,
-base, keys, shapes) is collected and reported in one AdapterError, and the model is untouched on error.
+Writing goes through fsio. A dedicated dir (best/, an export) is written whole and swapped into place
+(`replace=True`, `write_adapter_dir`). In a run root, which holds other files, each file is replaced atomically
+and both carry one random save id: a save killed between them leaves ids that differ, which `read_adapter`
+reports with the checkpoint to resume from (files without ids, from older versions, load as before).
 
-Formats read:
-- mlxtune: the above (a run dir has the same two files at its root).
-- PEFT: `adapter_model.safetensors` + `adapter_config.json` with `peft_type: LORA`; keys
-  `base_model.model.<path>.lora_A.weight` (r, in) / `.lora_B.weight` (out, r), scaling lora_alpha / r
-  (lora_alpha / sqrt(r) with use_rslora).
-- mlx-lm: `adapters.safetensors` (our names and layouts) + `adapter_config.json` with `lora_parameters:
-  {rank, scale, dropout, keys}` and `num_layers` (the last n layers; -1 = all); alpha = scale * rank.
+`read_adapter(path)` reads mlxtune, PEFT (`adapter_model.safetensors`, `peft_type: LORA`; A (r, in), B (out, r);
+lora_alpha / r, or / sqrt(r) with use_rslora) and mlx-lm adapters (`lora_parameters: {rank, scale, dropout,
+keys}`, `num_layers` = a slice of the last layers: <= 0 or more than the model has = all) into one AdapterSpec
+in mlxtune's names and layouts. `load_adapter(model, path)` checks it against the model (every problem in one
+AdapterError, the model untouched) and applies it.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import tempfile
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .errors import AdapterError
-from .lora import DEFAULT_TARGETS, adapter_weights, apply_lora, linear_dims, lora_modules, _resolve_targets
+from . import fsio
+from .config import DEFAULT_TARGETS
+from .errors import AdapterError, MlxtuneError
+from .lora import (Layers, adapter_weights, apply_lora, decoder_layers, layer_index, linear_dims, lora_modules,
+                   plan_lora, resolve_layers, resolve_targets)
 
 WEIGHTS_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT = "mlxtune-lora"
 FORMAT_VERSION = 1
+SAVE_ID_KEY = "mlxtune_save_id"
+"The safetensors metadata key holding the save id that adapter_config.json's `save_id` must equal."
 
 PathLike = Union[str, os.PathLike]
 
@@ -85,122 +85,95 @@ class AdapterSpec:
 
     def layer_indices(self) -> list[int]:
         """Decoder layer indices that carry LoRA weights in the file."""
-        return sorted({_layer_index(p) for p in self.wrapped if _layer_index(p) is not None})
+        return sorted({layer_index(p) for p in self.wrapped if layer_index(p) is not None})
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Saving
+# Writing
 
 
-def save_adapter(
-    model: nn.Module,
-    out_dir: PathLike,
-    *,
-    base_path: Optional[PathLike],
-    fingerprint: Optional[str],
-    rank: int,
-    alpha: float,
-    dropout: float,
-    targets: Optional[Sequence[str]],
-    layers: Union[None, int, Sequence[int]],
-) -> Path:
+def save_adapter(model: nn.Module, out_dir: PathLike, *, base_path: Optional[PathLike], fingerprint: Optional[str],
+                 rank: int, alpha: float, dropout: float, targets: Optional[Sequence[str]], layers: Layers,
+                 replace: bool = False, extra_files: Optional[Mapping[str, Any]] = None) -> Path:
     """Write the model's LoRA weights and a self-describing config into `out_dir`; returns `out_dir`.
 
-    Each file is written to a temp file in `out_dir` and renamed into place, weights first, so a crash leaves
-    either the old pair or the new weights with the old config, never a half-written file. `rank`, `alpha`,
-    `dropout`, `targets` and `layers` must describe the LoRA layers the model holds (checked).
+    `rank`, `alpha`, `dropout`, `targets` and `layers` must describe the LoRA layers the model holds (checked).
+    replace=False (a run root, which holds other files): each file is replaced atomically, weights then config,
+    both stamped with one save id, so an interrupted save is detected when read. replace=True (a dedicated dir
+    such as best/): `out_dir` is rebuilt whole with the adapter and `extra_files` and swapped into place.
+    `extra_files`: {file name: dict or list (written as JSON), str or bytes (as is)}, written beside the adapter.
     """
     mods = lora_modules(model)
     if not mods:
         raise AdapterError("save_adapter: the model has no LoRA layers to save; call apply_lora(model, ...) first")
-    target_names = _resolve_targets(targets)
-    plan, problems = _plan(model, target_names, layers, ignore_lora=True)
-    if set(plan) != set(mods):
-        problems.append(
-            f"the model's LoRA layers ({_listed(sorted(mods))}) are not the ones targets={target_names} "
-            f"layers={layers} select ({_listed(sorted(plan))})"
-        )
-    for name, m in mods.items():
-        if m.rank != rank or not math.isclose(m.alpha, float(alpha)) or not math.isclose(m.dropout, float(dropout)):
-            problems.append(
-                f"{name} has rank={m.rank} alpha={m.alpha:g} dropout={m.dropout:g}, not the rank={rank} "
-                f"alpha={float(alpha):g} dropout={float(dropout):g} given"
-            )
-            break
+    target_names = resolve_targets(targets)
+    problems: list[str] = []
+    plan = _try(lambda: plan_lora(model, target_names, layers), problems) or []
+    if not problems and set(plan) != set(mods):
+        problems.append(f"the model's LoRA layers ({_listed(sorted(mods))}) are not the ones targets={target_names} "
+                        f"layers={layers} select ({_listed(sorted(plan))})")
+    odd = [(n, m) for n, m in mods.items() if m.rank != rank or not math.isclose(m.alpha, float(alpha))
+           or not math.isclose(m.dropout, float(dropout))]
+    if odd:
+        n, m = odd[0]
+        problems.append(f"{n} has rank={m.rank} alpha={m.alpha:g} dropout={m.dropout:g}, not the rank={rank} "
+                        f"alpha={float(alpha):g} dropout={float(dropout):g} given")
     if problems:
         raise AdapterError(f"save_adapter: {'; '.join(problems)}")
-
-    if base_path is not None and Path(base_path).expanduser().exists():
-        base_path = Path(base_path).expanduser().resolve()  # a relative path would break fusing from elsewhere
-    args = getattr(model, "args", None)
-    quant = None
-    for m in mods.values():
-        if isinstance(m.linear, nn.QuantizedLinear):
-            quant = {"bits": int(m.linear.bits), "group_size": int(m.linear.group_size)}
-            break
-    first = next(iter(mods.values())).linear
-    dtype = (first.scales if isinstance(first, nn.QuantizedLinear) else first.weight).dtype
-    config = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "base_model": {
-            "path": None if base_path is None else str(base_path),
-            "fingerprint": fingerprint,
-            "model_type": getattr(args, "model_type", None),
-            "hidden_size": getattr(args, "hidden_size", None),
-            "num_hidden_layers": len(model.layers),
-            "quantization": quant,
-            "dtype": str(dtype).rsplit(".", 1)[-1],
-        },
-        "rank": int(rank),
-        "alpha": float(alpha),
-        "dropout": float(dropout),
-        "targets": target_names,
-        "layers": sorted({_layer_index(p) for p in plan}),
-        "wrapped": sorted(mods),
-    }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    save_id = secrets.token_hex(8)
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "save_id": save_id,
+              "base_model": _base_record(model, mods, base_path, fingerprint),
+              "rank": int(rank), "alpha": float(alpha), "dropout": float(dropout), "targets": target_names,
+              "layers": sorted({layer_index(p) for p in plan}), "wrapped": sorted(mods)}
     weights = {k: v.astype(mx.float32) for k, v in adapter_weights(model).items()}
-    atomic_save_safetensors(out / WEIGHTS_FILE, weights, metadata={"format": "mlx"})
-    atomic_write_json(out / CONFIG_FILE, config)
+    metadata = {"format": "mlx", SAVE_ID_KEY: save_id}
+    out = Path(out_dir)
+    if replace:
+        return write_adapter_dir(out, weights, config, metadata=metadata, extra_files=extra_files, overwrite=True)
+    out.mkdir(parents=True, exist_ok=True)
+    fsio.save_safetensors(out / WEIGHTS_FILE, weights, metadata=metadata)
+    fsio.write_json(out / CONFIG_FILE, config)
+    for name, content in (extra_files or {}).items():
+        _write_extra(out / name, content)
     return out
 
 
-def atomic_save_safetensors(path: PathLike, arrays: dict[str, mx.array], metadata: Optional[dict] = None) -> None:
-    """mx.save_safetensors to a temp file beside `path`, then rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, arrays, metadata=metadata or {})
-        _default_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _base_record(model: nn.Module, mods: dict, base_path: Optional[PathLike], fingerprint: Optional[str]) -> dict:
+    """adapter_config.json's base_model: what fusing needs to rebuild the base the adapter was trained on."""
+    if base_path is not None and Path(base_path).expanduser().exists():
+        base_path = Path(base_path).expanduser().resolve()  # a relative path would break fusing from elsewhere
+    args = getattr(model, "args", None)
+    quantized = [m.linear for m in mods.values() if isinstance(m.linear, nn.QuantizedLinear)]
+    quant = {"bits": int(quantized[0].bits), "group_size": int(quantized[0].group_size)} if quantized else None
+    first = next(iter(mods.values())).linear
+    dtype = (first.scales if isinstance(first, nn.QuantizedLinear) else first.weight).dtype
+    return {"path": None if base_path is None else str(base_path), "fingerprint": fingerprint,
+            "model_type": getattr(args, "model_type", None), "hidden_size": getattr(args, "hidden_size", None),
+            "num_hidden_layers": len(decoder_layers(model)), "quantization": quant, "dtype": str(dtype).rsplit(".", 1)[-1]}
 
 
-def atomic_write_json(path: PathLike, obj: Any) -> None:
-    """Write JSON (indented, newline-terminated) to a temp file beside `path`, then rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        _default_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def write_adapter_dir(out_dir: PathLike, weights: Mapping[str, mx.array], config: Mapping[str, Any], *,
+                      weights_file: str = WEIGHTS_FILE, metadata: Optional[Mapping[str, str]] = None,
+                      extra_files: Optional[Mapping[str, Any]] = None, overwrite: bool = False) -> Path:
+    """Write an adapter dir in any format (weights, adapter_config.json, extra files) as ONE directory swap
+    (fsio.atomic_dir): a kill leaves the old dir or the new one, never a mix. Returns `out_dir`.
+
+    Without `overwrite` an existing non-empty `out_dir` raises OutputExistsError.
+    """
+    out = Path(out_dir)
+    with fsio.atomic_dir(out, overwrite=overwrite) as tmp:
+        fsio.save_safetensors(tmp / weights_file, weights, metadata=metadata)
+        fsio.write_json(tmp / CONFIG_FILE, dict(config))
+        for name, content in (extra_files or {}).items():
+            _write_extra(tmp / name, content)
+    return out
 
 
-def _default_mode(path: str) -> None:
-    """mkstemp makes 0600 files; give the final file the mode a plain open() would (0666 less the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+def _write_extra(path: Path, content: Any) -> None:
+    if isinstance(content, (str, bytes)):
+        fsio.write_bytes(path, content)
+    else:
+        fsio.write_json(path, content)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -215,6 +188,10 @@ def read_adapter(path: PathLike) -> AdapterSpec:
     p = Path(path).expanduser()
     if p.is_file() and p.name in (CONFIG_FILE, WEIGHTS_FILE, PEFT_WEIGHTS_FILE):
         p = p.parent
+    try:
+        fsio.recover(p)  # a dir swap (best/, an export) killed between its renames: put the old copy back
+    except OSError:
+        pass  # a read-only place: nothing to recover there
     if not p.exists():
         raise AdapterError(f"{p}: adapter path not found")
     if not p.is_dir():
@@ -224,45 +201,46 @@ def read_adapter(path: PathLike) -> AdapterSpec:
         problems = [f"missing {CONFIG_FILE}"]
         if not any((p / f).is_file() for f in (WEIGHTS_FILE, PEFT_WEIGHTS_FILE)):
             problems.append(f"missing {WEIGHTS_FILE} (or PEFT's {PEFT_WEIGHTS_FILE})")
-        hint = (
-            f"this run dir has checkpoints/ but no final adapter yet: finish it with `mlxtune train -c {p / 'config.yaml'} --resume`"
-            if (p / "checkpoints").is_dir()
-            else "expected an mlxtune run or adapter dir, a PEFT LoRA dir or an mlx-lm adapter dir"
-        )
+        hint = (f"this run dir has checkpoints/ but no final adapter yet: finish it with `mlxtune train -c "
+                f"{p / 'config.yaml'} --resume`" if (p / "checkpoints").is_dir()
+                else "expected an mlxtune run or adapter dir, a PEFT LoRA dir or an mlx-lm adapter dir")
         raise AdapterError(f"{p}: not an adapter dir: {'; '.join(problems)} ({hint})")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{cfg_file}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(cfg, dict):
-        raise AdapterError(f"{cfg_file}: expected a JSON object")
+    cfg = fsio.read_json_object(cfg_file, AdapterError)
 
-    if "format" in cfg:
-        if cfg["format"] != FORMAT:
-            raise AdapterError(
-                f"{cfg_file}: unknown adapter format {cfg['format']!r}; mlxtune reads {FORMAT!r}, PEFT LoRA "
-                "(peft_type: LORA) and mlx-lm LoRA (lora_parameters) adapters"
-            )
-        return _read_mlxtune(p, cfg)
-    if "peft_type" in cfg:
-        return _read_peft(p, cfg)
-    if "lora_parameters" in cfg or "fine_tune_type" in cfg:
-        return _read_mlx_lm(p, cfg)
-    raise AdapterError(
-        f"{cfg_file}: unknown adapter format: no 'format' (mlxtune), 'peft_type' (PEFT) or 'lora_parameters' "
-        "(mlx-lm) key"
-    )
+    if cfg.get("format", FORMAT) != FORMAT:
+        raise AdapterError(f"{cfg_file}: unknown adapter format {cfg['format']!r}; mlxtune reads {FORMAT!r}, PEFT "
+                           "LoRA (peft_type: LORA) and mlx-lm LoRA (lora_parameters) adapters")
+    for key, reader in (("format", _read_mlxtune), ("peft_type", _read_peft), ("lora_parameters", _read_mlx_lm),
+                        ("fine_tune_type", _read_mlx_lm)):
+        if key in cfg:
+            return reader(p, cfg)
+    raise AdapterError(f"{cfg_file}: unknown adapter format: no 'format' (mlxtune), 'peft_type' (PEFT) or "
+                       "'lora_parameters' (mlx-lm) key")
 
 
-def _load_weights(file: Path, problems: list[str]) -> dict[str, mx.array]:
+def _load_weights(file: Path, problems: list[str]) -> tuple[dict[str, mx.array], dict]:
+    """(arrays, metadata); ({}, {}) with a problem when the file is missing or unreadable."""
     if not file.is_file():
         problems.append(f"missing {file.name}")
-        return {}
+        return {}, {}
     try:
-        return dict(mx.load(str(file)))
+        arrays, meta = mx.load(str(file), return_metadata=True)
     except Exception as e:  # a truncated or foreign file: say which and why
         problems.append(f"{file.name} could not be read ({e})")
-        return {}
+        return {}, {}
+    return dict(arrays), dict(meta or {})
+
+
+def _check_pair(p: Path, cfg: dict, meta: dict) -> None:
+    """Refuse weights and config written by different saves (a save killed between its two files)."""
+    wid, cid = meta.get(SAVE_ID_KEY), cfg.get("save_id")
+    if wid is None or wid == cid:
+        return  # written before save ids existed, or by another tool: nothing to compare
+    steps = sorted(c for c in (p / "checkpoints").glob("step_*") if (c / "state.json").is_file()) if (p / "checkpoints").is_dir() else []
+    fix = (f"resume the run from its latest checkpoint to write it again: `mlxtune train -c {p / 'config.yaml'} --resume {steps[-1]}`"
+           if steps else "write the adapter again (save_adapter)")
+    raise AdapterError(f"{p}: {WEIGHTS_FILE} (save {wid}) and {CONFIG_FILE} (save {cid or 'none'}) come from different "
+                       f"saves: the save was interrupted between the two files; {fix}")
 
 
 def _need(cfg: dict, key: str, kind, problems: list[str], where: str):
@@ -271,6 +249,10 @@ def _need(cfg: dict, key: str, kind, problems: list[str], where: str):
         problems.append(f"{where}: '{key}' is missing or not a {getattr(kind, '__name__', 'number')} (got {v!r})")
         return None
     return v
+
+
+def _ints(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
 
 
 def _raise(p: Path, problems: list[str]) -> None:
@@ -293,14 +275,15 @@ def _read_mlxtune(p: Path, cfg: dict) -> AdapterSpec:
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
         problems.append(f"{where}: 'targets' must be a non-empty list of module names (got {targets!r})")
     layers = cfg.get("layers")
-    if layers is not None and not (isinstance(layers, list) and all(isinstance(i, int) for i in layers)):
+    if layers is not None and not _ints(layers):
         problems.append(f"{where}: 'layers' must be null or a list of layer indices (got {layers!r})")
     base = cfg.get("base_model") or {}
     if not isinstance(base, dict):
         problems.append(f"{where}: 'base_model' must be an object (got {base!r})")
         base = {}
-    weights = _load_weights(p / WEIGHTS_FILE, problems)
+    weights, meta = _load_weights(p / WEIGHTS_FILE, problems)
     _raise(p, problems)
+    _check_pair(p, cfg, meta)
     return AdapterSpec(FORMAT, p, rank, float(alpha), float(dropout or 0.0), targets, layers, weights, dict(base), cfg)
 
 
@@ -314,44 +297,33 @@ def _read_peft(p: Path, cfg: dict) -> AdapterSpec:
         raise AdapterError(f"{p / CONFIG_FILE}: PEFT adapter type {cfg.get('peft_type')!r} is not supported; mlxtune reads LORA adapters")
     rank = _need(cfg, "r", int, problems, where)
     lora_alpha = _need(cfg, "lora_alpha", (int, float), problems, where)
-    for key, what in (("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out (Conv1D) layers")):
-        if cfg.get(key):
-            problems.append(f"{where}: {key}=true ({what}) is not supported")
-    if cfg.get("bias", "none") not in (None, "none"):
-        problems.append(f"{where}: bias={cfg['bias']!r} (trained biases) is not supported; only bias='none'")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if cfg.get(key):
-            problems.append(f"{where}: a non-empty {key} (per-module ranks) is not supported")
-    if cfg.get("modules_to_save"):
-        problems.append(f"{where}: modules_to_save={cfg['modules_to_save']} (fully trained modules) is not supported")
-    if cfg.get("layers_pattern") not in (None, "layers", ["layers"]):
-        problems.append(f"{where}: layers_pattern={cfg['layers_pattern']!r} is not supported (Llama/Qwen2 use 'layers')")
+    for key, bad, why in (("use_dora", True, "DoRA"), ("fan_in_fan_out", True, "Conv1D layers"),
+                          ("rank_pattern", True, "per-module ranks"), ("alpha_pattern", True, "per-module ranks"),
+                          ("modules_to_save", True, "fully trained modules"), ("bias", "none", "trained biases"),
+                          ("layers_pattern", "layers", "Llama/Qwen2 use 'layers'")):
+        v = cfg.get(key)
+        if (v and bad is True) or (bad is not True and v not in (None, bad, [bad])):
+            problems.append(f"{where}: {key}={v!r} is not supported ({why})")
     layers = cfg.get("layers_to_transform")
-    if isinstance(layers, int) and not isinstance(layers, bool):
-        layers = [layers]
-    elif layers is not None and not (isinstance(layers, list) and all(isinstance(i, int) for i in layers)):
+    layers = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
+    if layers is not None and not _ints(layers):
         problems.append(f"{where}: layers_to_transform must be null, an index or a list of indices (got {layers!r})")
         layers = None
 
-    raw = _load_weights(p / PEFT_WEIGHTS_FILE, problems)
+    raw, _ = _load_weights(p / PEFT_WEIGHTS_FILE, problems)
     if not (p / PEFT_WEIGHTS_FILE).is_file() and (p / "adapter_model.bin").is_file():
         problems.append("adapter_model.bin (pickle) is not read; re-save with safe_serialization=True")
-    weights: dict[str, mx.array] = {}
-    bad = []
-    for k, v in raw.items():
-        m = _PEFT_KEY.match(k)
-        if not m or v.ndim != 2:
-            bad.append(k)
-            continue
-        # PEFT: A (r, in), B (out, r); mlxtune: lora_a (in, r), lora_b (r, out).
-        weights[f"{m['path']}.lora_{m['ab'].lower()}"] = v.T
+    matches = {k: _PEFT_KEY.match(k) for k in raw}
+    bad = [k for k, m in matches.items() if not m or raw[k].ndim != 2]
+    # PEFT: A (r, in), B (out, r); mlxtune: lora_a (in, r), lora_b (r, out).
+    weights = {f"{m['path']}.lora_{m['ab'].lower()}": raw[k].T for k, m in matches.items() if k not in bad}
     if bad:
         problems.append(f"{PEFT_WEIGHTS_FILE}: {len(bad)} key(s) that are not LoRA A/B weights: {_listed(bad)}")
 
     targets = cfg.get("target_modules")
     if isinstance(targets, str):
         # A regex (or "all-linear"): take the modules that actually carry weights.
-        targets = list(DEFAULT_TARGETS) if targets == "all-linear" else sorted({w.rsplit(".", 1)[-1] for w in _paths(weights)})
+        targets = list(DEFAULT_TARGETS) if targets == "all-linear" else sorted({k.rsplit(".", 2)[-2] for k in weights})
     if not targets or not isinstance(targets, list):
         problems.append(f"{where}: target_modules must name the adapted modules (got {cfg.get('target_modules')!r})")
     else:
@@ -385,14 +357,13 @@ def _read_mlx_lm(p: Path, cfg: dict) -> AdapterSpec:
     keys = params.get("keys")
     if keys is not None and not (isinstance(keys, list) and keys and all(isinstance(k, str) for k in keys)):
         problems.append(f"{where}: lora_parameters.keys must be null or a list of module paths (got {keys!r})")
-    weights = _load_weights(p / WEIGHTS_FILE, problems)
+    weights, _ = _load_weights(p / WEIGHTS_FILE, problems)
     others = [k for k in weights if not k.endswith((".lora_a", ".lora_b"))]
     if others:
         problems.append(f"{WEIGHTS_FILE}: {len(others)} key(s) that are not LoRA weights: {_listed(others)}")
     _raise(p, problems)
-    weights = {k: v for k, v in weights.items() if k.endswith((".lora_a", ".lora_b"))}
     targets = list(keys) if keys else list(DEFAULT_TARGETS)
-    layers = None if num_layers < 0 else num_layers
+    layers = None if num_layers <= 0 else num_layers  # mlx-lm slices layers[-max(n, 0):]: <= 0 is every layer
     base = {"path": cfg.get("model")}
     return AdapterSpec("mlx-lm", p, rank, float(scale) * rank, float(params.get("dropout") or 0.0), targets, layers, weights, base, cfg)
 
@@ -402,22 +373,15 @@ def _read_mlx_lm(p: Path, cfg: dict) -> AdapterSpec:
 
 
 def load_adapter(model: nn.Module, path: Union[PathLike, AdapterSpec], *, check_fingerprint: bool = True) -> list[str]:
-    """Apply LoRA as the adapter at `path` describes and load its weights; returns the wrapped module paths.
-
-    Accepts an mlxtune adapter or run dir, a PEFT LoRA dir or an mlx-lm adapter dir (or an AdapterSpec
-    from read_adapter). Everything is checked before the model is touched: the base it was trained on
-    (model type, sizes, fingerprint when both sides know it), the targets and layers, every key and shape.
-    All mismatches are reported in one AdapterError. The LoRA parameters are trainable afterwards, so
-    training can continue from an imported adapter.
-    """
+    """Apply LoRA as the adapter at `path` (any format read_adapter reads, or an AdapterSpec) describes and load
+    its weights; returns the wrapped paths. Everything is checked first (base model type, sizes, fingerprint when
+    both sides know it, targets, layers, keys, shapes; one AdapterError). The LoRA weights stay trainable."""
     spec = path if isinstance(path, AdapterSpec) else read_adapter(path)
     problems = check_adapter(model, spec, check_fingerprint=check_fingerprint)
     if problems:
         raise AdapterError(f"{spec.path}: adapter does not fit the model ({len(problems)} problem(s)): {'; '.join(problems)}")
-    plan, _ = _plan(model, spec.targets, spec.layers)
-    layers = sorted({_layer_index(p) for p in plan})
-    wrapped = apply_lora(model, rank=spec.rank, alpha=spec.alpha, dropout=spec.dropout, targets=spec.targets, layers=layers, verbose=False)
-    assert set(wrapped) == set(plan), (sorted(wrapped), sorted(plan))
+    wrapped = apply_lora(model, rank=spec.rank, alpha=spec.alpha, dropout=spec.dropout, targets=spec.targets,
+                         layers=_spec_layers(spec, len(decoder_layers(model))), verbose=False)
     model.load_weights([(k, v.astype(mx.float32)) for k, v in spec.weights.items()], strict=False)
     mx.eval(model.parameters())
     return wrapped
@@ -436,15 +400,14 @@ def check_adapter(model: nn.Module, spec: AdapterSpec, *, check_fingerprint: boo
             problems.append(f"base {key} is {want!r} in the adapter but {have!r} in the model")
     src = getattr(model, "source", None) or {}
     want_fp, have_fp = base.get("fingerprint"), src.get("fingerprint") if isinstance(src, dict) else None
-    if check_fingerprint and want_fp and have_fp and want_fp != have_fp:
-        problems.append(
-            f"base fingerprint {want_fp} (trained on {base.get('path')}) does not match the model's {have_fp} "
-            f"(loaded from {src.get('path')}): the adapter was trained on a different base model"
-        )
-    plan, plan_problems = _plan(model, spec.targets, spec.layers, ignore_lora=True)
-    problems += plan_problems
+    legacy = src.get("legacy_fingerprints", ()) if isinstance(src, dict) else ()  # see loading.py
+    if check_fingerprint and want_fp and have_fp and want_fp != have_fp and want_fp not in legacy:
+        problems.append(f"base fingerprint {want_fp} (trained on {base.get('path')}) does not match the model's "
+                        f"{have_fp} (loaded from {src.get('path')}): the adapter was trained on a different base model")
+    modules = dict(model.named_modules())
     expected: dict[str, tuple[int, ...]] = {}
-    for path, (d_in, d_out) in plan.items():
+    for path in _planned(model, spec, problems):
+        d_in, d_out = linear_dims(modules[path])
         expected[f"{path}.lora_a"] = (d_in, spec.rank)
         expected[f"{path}.lora_b"] = (spec.rank, d_out)
     missing = sorted(set(expected) - set(spec.weights))
@@ -453,71 +416,36 @@ def check_adapter(model: nn.Module, spec: AdapterSpec, *, check_fingerprint: boo
         problems.append(f"{len(missing)} missing key(s): {_listed(missing)}")
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected key(s): {_listed(unexpected)}")
-    wrong = [
-        f"{k} is {tuple(spec.weights[k].shape)}, model needs {expected[k]}"
-        for k in sorted(set(expected) & set(spec.weights))
-        if tuple(spec.weights[k].shape) != expected[k]
-    ]
+    wrong = [f"{k} is {tuple(spec.weights[k].shape)}, model needs {expected[k]}"
+             for k in sorted(set(expected) & set(spec.weights)) if tuple(spec.weights[k].shape) != expected[k]]
     if wrong:
         problems.append(f"{len(wrong)} shape mismatch(es): {_listed(wrong)}")
     return problems
 
 
-def _plan(
-    model: nn.Module, targets: Optional[Sequence[str]], layers: Union[None, int, Sequence[int]], ignore_lora: bool = False
-) -> tuple[dict[str, tuple[int, int]], list[str]]:
-    """The module paths apply_lora would wrap, with their (in, out) dims, without touching the model.
-
-    Mirrors apply_lora's matching: a target matches a linear inside a decoder layer whose local path equals
-    it or ends with `.target`. An int `layers` means the last n layers, clamped to the model (as mlx-lm does).
-    """
-    problems: list[str] = []
-    names = _resolve_targets(targets)
-    n = len(model.layers)
-    if layers is None:
-        chosen = set(range(n))
-    elif isinstance(layers, int):
-        chosen = set(range(max(n - layers, 0), n)) if layers > 0 else set(range(n))
-    else:
-        bad = [i for i in layers if not -n <= i < n]
-        if bad:
-            problems.append(f"layer index(es) {bad} out of range for a model with {n} layers")
-        chosen = {i % n for i in layers if -n <= i < n}
-    linears: dict[str, nn.Module] = {}
-    for name, m in model.named_modules():
-        if ignore_lora and name.endswith(".linear"):
-            continue  # the base inside a LoRALinear: report the wrapper's path instead
-        if ".layers." not in f".{name}":
-            continue
-        if isinstance(m, (nn.Linear, nn.QuantizedLinear)) or (ignore_lora and hasattr(m, "lora_a")):
-            linears[name] = m
-    plan: dict[str, tuple[int, int]] = {}
-    matched = {t: False for t in names}
-    for path, m in linears.items():
-        idx_s, local = path.split(".layers.", 1)[1].split(".", 1)
-        for t in names:
-            if local == t or local.endswith("." + t):
-                matched[t] = True
-                if int(idx_s) in chosen:
-                    plan[path] = linear_dims(m.linear if hasattr(m, "lora_a") else m)
-                break
-    unmatched = [t for t, ok in matched.items() if not ok]
-    if unmatched:
-        problems.append(f"target(s) {', '.join(unmatched)} match no linear layer in the model")
-    return plan, problems
-
-
-def _layer_index(path: str) -> Optional[int]:
-    if ".layers." not in f".{path}":
+def _spec_layers(spec: AdapterSpec, n_layers: int) -> Layers:
+    """The spec's layers in plan_lora's terms: mlx-lm's num_layers is a slice, so more than the model has = all."""
+    if spec.format == "mlx-lm" and isinstance(spec.layers, int) and spec.layers > n_layers:
         return None
+    return spec.layers
+
+
+def _planned(model: nn.Module, spec: AdapterSpec, problems: list[str]) -> list[str]:
+    """plan_lora for the spec; layer and target problems are both collected (not only the first)."""
+    n = len(decoder_layers(model))
+    layers = _spec_layers(spec, n)
+    if _try(lambda: resolve_layers(layers, n), problems) is None:  # report a bad layer and a bad target together
+        layers = [i for i in layers if -n <= i < n] if isinstance(layers, list) else None
+    return _try(lambda: plan_lora(model, spec.targets, layers), problems) or []
+
+
+def _try(fn, problems: list[str]):
+    """fn(), or None with its MlxtuneError's message appended to `problems`."""
     try:
-        return int(path.split("layers.", 1)[1].split(".", 1)[0])
-    except ValueError:
+        return fn()
+    except MlxtuneError as e:
+        problems.append(str(e))
         return None
-
-
-def _paths(weights: dict) -> list[str]:
-    return sorted({k.rsplit(".", 1)[0] for k in weights})
 
 
 def _listed(items: Sequence[str]) -> str:

@@ -12,7 +12,9 @@ mlx-lm's generation, sampling and KV-cache utilities run on it unchanged. On top
   output projection in chunks and never materialize B x L x V float32 logits.
 
 Gradient checkpointing is a flag on the model (`model.grad_checkpoint = True`), applied per decoder layer
-with `mx.checkpoint`; no class is patched.
+with `mx.checkpoint`; no class is patched. LoRA dropout keys are explicit: in training each layer gets a key,
+split per projection and passed to projections that declare `takes_dropout_key`, so a recomputed layer
+draws the masks of its forward.
 
 Shapes: B batch, L sequence, D hidden, H query heads, K key/value heads, hd head dim, V vocabulary.
 """
@@ -239,11 +241,12 @@ class Attention(nn.Module):
     def _rope(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
         return mx.fast.rope(x, self.head_dim, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs)
 
-    def __call__(self, x: mx.array, mask=None, cache=None, rope: Optional[tuple] = None) -> mx.array:
+    def __call__(self, x: mx.array, mask=None, cache=None, rope: Optional[tuple] = None, key=None) -> mx.array:
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        kq, kk, kv, ko = mx.random.split(key, 4) if key is not None else (None,) * 4
+        q = project(self.q_proj, x, kq).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = project(self.k_proj, x, kk).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        v = project(self.v_proj, x, kv).reshape(B, L, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         if rope is not None:  # explicit positions (packed rows)
             q, k = apply_rope_tables(q, *rope), apply_rope_tables(k, *rope)
         elif cache is not None:
@@ -259,7 +262,7 @@ class Attention(nn.Module):
             o = chunked_attention(q, k, v, self.scale, mask, ATTENTION_CHUNK)
         else:
             o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return project(self.o_proj, o.transpose(0, 2, 1, 3).reshape(B, L, -1), ko)
 
 
 class MLP(nn.Module):
@@ -270,8 +273,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(D, F, bias=args.mlp_bias)
         self.down_proj = nn.Linear(F, D, bias=args.mlp_bias)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x: mx.array, key=None) -> mx.array:
+        kg, ku, kd = mx.random.split(key, 3) if key is not None else (None,) * 3
+        return project(self.down_proj, nn.silu(project(self.gate_proj, x, kg)) * project(self.up_proj, x, ku), kd)
 
 
 class DecoderLayer(nn.Module):
@@ -282,22 +286,23 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask=None, cache=None, rope: Optional[tuple] = None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache, rope)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def __call__(self, x: mx.array, mask=None, cache=None, rope: Optional[tuple] = None, key=None) -> mx.array:
+        """`key`: PRNG key for this layer's LoRA dropout masks (split per projection); None: the global RNG."""
+        ka, km = mx.random.split(key) if key is not None else (None, None)
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache, rope, ka)
+        return h + self.mlp(self.post_attention_layernorm(h), km)
+
+
+def project(layer: nn.Module, x: mx.array, key: Optional[mx.array] = None) -> mx.array:
+    """`layer(x)`; a layer that declares `takes_dropout_key` (LoRA) also gets `key` for its dropout mask."""
+    if key is not None and getattr(layer, "takes_dropout_key", False):
+        return layer(x, key)
+    return layer(x)
 
 
 def layer_key() -> mx.array:
     """A fresh PRNG key drawn from the global RNG (advancing it), for one layer's dropout masks."""
     return mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
-
-
-def keyed_call(layer: nn.Module, x: mx.array, mask=None, rope=None, key: Optional[mx.array] = None) -> mx.array:
-    """`layer(x, mask, None, rope)` with LoRA dropout masks drawn from `key` (see lora.dropout_keys)."""
-    from .lora import dropout_keys
-
-    with dropout_keys(mx.stop_gradient(key)):
-        return layer(x, mask, None, rope)
 
 
 def checkpointed_call(layer: nn.Module, x: mx.array, mask=None, rope=None, key: Optional[mx.array] = None) -> mx.array:
@@ -312,7 +317,7 @@ def checkpointed_call(layer: nn.Module, x: mx.array, mask=None, rope=None, key: 
 
     def inner(params, x):
         layer.update(params)
-        return keyed_call(layer, x, mask, rope, key) if key is not None else layer(x, mask, None, rope)
+        return layer(x, mask, None, rope, key)
 
     return mx.checkpoint(inner)(layer.trainable_parameters(), x)
 
@@ -352,12 +357,11 @@ class DecoderModel(nn.Module):
             cache = [None] * len(self.layers)
         keyed = training and self.lora_dropout  # per-layer dropout keys: checkpointed == plain, exactly
         for layer, c in zip(self.layers, cache):
+            key = layer_key() if keyed and c is None else None
             if c is None and training and grad_checkpoint:
-                h = checkpointed_call(layer, h, mask, rope, layer_key() if keyed else None)
-            elif c is None and keyed:
-                h = keyed_call(layer, h, mask, rope, layer_key())
+                h = checkpointed_call(layer, h, mask, rope, key)
             else:
-                h = layer(h, mask, c, rope)
+                h = layer(h, mask, c, rope, key)
         return self.norm(h)
 
 

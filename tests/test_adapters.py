@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -16,7 +17,8 @@ import numpy as np
 import pytest
 from export_helpers import load_base, logits, randomize_lora, rel_err, tokens
 
-from mlxtune.adapters import CONFIG_FILE, WEIGHTS_FILE, load_adapter, read_adapter, save_adapter
+from mlxtune import fsio
+from mlxtune.adapters import CONFIG_FILE, SAVE_ID_KEY, WEIGHTS_FILE, load_adapter, read_adapter, save_adapter
 from mlxtune.errors import AdapterError
 from mlxtune.lora import adapter_weights, apply_lora, lora_modules
 
@@ -102,9 +104,9 @@ def test_imported_adapter_keeps_training(tiny_llama_dir, tmp_path):
 def test_qlora_save_load_and_fuse(tiny_qwen_dir, tmp_path):
     """LoRA on a 4-bit base: the adapter records the quantization, reloads exactly, and fuses in float."""
     from mlxtune.config import QuantizeConfig
-    from mlxtune.export import dequantize_model
-    from mlxtune.loading import quantize_model
-    from mlxtune.lora import fuse
+    from mlxtune.quant import dequantize as dequantize_model
+    from mlxtune.quant import quantize_model
+    from mlxtune.lora import merge_lora
 
     q = {"bits": 4, "group_size": 64}
     model, base_logits = _trained(tiny_qwen_dir, tmp_path / "a", quantize=q, targets=("q", "k", "v", "o", "gate", "up", "down"))
@@ -120,7 +122,7 @@ def test_qlora_save_load_and_fuse(tiny_qwen_dir, tmp_path):
     np.testing.assert_array_equal(logits(fresh, ids), want)
 
     # fuse: dequantize, merge in float32 -> the same function as quantized base + LoRA (float rounding only)
-    fuse(fresh)
+    merge_lora(fresh)
     dequantize_model(fresh)
     assert not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in fresh.named_modules())
     fused = logits(fresh, ids)
@@ -280,3 +282,79 @@ def test_adapter_onto_lora_model_and_save_checks(saved_adapter, tiny_llama_dir, 
         save_adapter(model, tmp_path / "z", base_path=None, fingerprint=None, rank=4, alpha=8, dropout=0.0,
                      targets=["q"], layers=None)
     assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+
+
+# --- saving: an interrupted save is detected; a dedicated dir is swapped whole ---------------------------------
+
+
+def _save_again(model, out, **kw):
+    save_adapter(model, out, base_path=None, fingerprint=None, rank=4, alpha=8.0, dropout=0.0,
+                 targets=["q", "v", "down"], layers=None, **kw)
+
+
+class _Killed(BaseException):
+    """Stands for the process dying at this point."""
+
+
+def test_interrupted_save_is_detected(saved_adapter, tiny_llama_dir, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(saved_adapter, run)
+    (run / "checkpoints" / "step_000004").mkdir(parents=True)
+    (run / "checkpoints" / "step_000004" / "state.json").write_text("{}")
+    model, _ = load_base(tiny_llama_dir)
+    load_adapter(model, run)
+    cfg = json.loads((run / CONFIG_FILE).read_text())
+    assert cfg["save_id"] == mx.load(str(run / WEIGHTS_FILE), return_metadata=True)[1][SAVE_ID_KEY]
+
+    def killed(path, obj):
+        raise _Killed
+
+    monkeypatch.setattr(fsio, "write_json", killed)  # dies after the weights, before the config
+    with pytest.raises(_Killed):
+        _save_again(model, run)
+    monkeypatch.undo()
+    with pytest.raises(AdapterError) as e:
+        read_adapter(run)
+    msg = str(e.value)
+    assert "come from different saves" in msg and "interrupted" in msg and "--resume" in msg
+    assert str(run / "checkpoints" / "step_000004") in msg and "\n" not in msg
+    _save_again(model, run)  # a complete save makes it whole again
+    assert read_adapter(run).rank == 4
+
+
+def test_adapter_without_save_id_still_loads(saved_adapter, tiny_llama_dir, tmp_path):
+    """Adapters written before save ids existed (no id in either file) load as before."""
+    old = tmp_path / "old"
+    shutil.copytree(saved_adapter, old)
+    cfg = json.loads((old / CONFIG_FILE).read_text())
+    del cfg["save_id"]
+    (old / CONFIG_FILE).write_text(json.dumps(cfg))
+    mx.save_safetensors(str(old / WEIGHTS_FILE), dict(mx.load(str(old / WEIGHTS_FILE))), metadata={"format": "mlx"})
+    model, _ = load_base(tiny_llama_dir)
+    assert load_adapter(model, old)
+
+
+def test_replace_writes_one_dir_swap(saved_adapter, tiny_llama_dir, tmp_path, monkeypatch):
+    """best/ (adapter + best.json) is written as ONE directory swap; a failure mid-write leaves the old copy."""
+    model, _ = load_base(tiny_llama_dir)
+    load_adapter(model, saved_adapter)
+    best = tmp_path / "run" / "best"
+    _save_again(model, best, replace=True, extra_files={"best.json": {"step": 3}})
+    assert sorted(p.name for p in best.iterdir()) == ["adapter_config.json", "adapters.safetensors", "best.json"]
+    first = (best / CONFIG_FILE).read_text()
+
+    def killed(path, obj):
+        if Path(path).name == "best.json":
+            raise _Killed
+        return real(path, obj)
+
+    real = fsio.write_json
+    monkeypatch.setattr(fsio, "write_json", killed)
+    with pytest.raises(_Killed):
+        _save_again(model, best, replace=True, extra_files={"best.json": {"step": 6}})
+    monkeypatch.undo()
+    assert (best / CONFIG_FILE).read_text() == first and json.loads((best / "best.json").read_text()) == {"step": 3}
+    assert not [p for p in best.parent.iterdir() if p.name.startswith(".")]  # the temp dir is gone
+    _save_again(model, best, replace=True, extra_files={"best.json": {"step": 6}})
+    assert (best / CONFIG_FILE).read_text() != first and json.loads((best / "best.json").read_text()) == {"step": 6}
+    assert read_adapter(best).rank == 4
