@@ -14,8 +14,8 @@ import pytest
 from export_helpers import load_base, logits, mlx_lm_base_copy, randomize_lora, rel_err, tokens, torch_logits, tree
 
 from mlxtune.adapters import load_adapter, read_adapter, save_adapter
-from mlxtune.errors import AdapterError
-from mlxtune.export import ExportError, export, fuse
+from mlxtune.errors import AdapterError, ExportError
+from mlxtune.exports import export, fuse
 from mlxtune.lora import apply_lora
 
 
@@ -109,7 +109,7 @@ def test_mlx_lm_export_load_and_fuse(layers, tiny_llama_dir, tmp_path):
     from mlx.utils import tree_flatten, tree_unflatten
     from mlx_lm import load as mlx_lm_load
 
-    from mlxtune.lora import fuse as fuse_lora
+    from mlxtune.lora import merge_lora
 
     base = mlx_lm_base_copy(tiny_llama_dir, tmp_path / "base")
     model, ids, want, _ = _run(base, tmp_path / "run", rank=4, alpha=8.0, targets=("q", "v", "down"), layers=layers)
@@ -126,7 +126,7 @@ def test_mlx_lm_export_load_and_fuse(layers, tiny_llama_dir, tmp_path):
 
     fused = [(n, m.fuse(dequantize=True)) for n, m in theirs.named_modules() if hasattr(m, "fuse") and hasattr(m, "lora_a")]
     theirs.update_modules(tree_unflatten(fused))
-    fuse_lora(model)
+    merge_lora(model)
     ours_w, theirs_w = dict(tree_flatten(model.parameters())), dict(tree_flatten(theirs.parameters()))
     assert sorted(ours_w) == sorted(theirs_w)
     for k in ours_w:

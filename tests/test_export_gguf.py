@@ -17,8 +17,8 @@ from export_helpers import load_base, logits, randomize_lora, rel_err, tokens
 from mlx.utils import tree_flatten
 
 from mlxtune.adapters import save_adapter
-from mlxtune.export import export
-from mlxtune.lora import apply_lora, fuse
+from mlxtune.exports import export
+from mlxtune.lora import apply_lora, merge_lora
 
 # GGUF name -> HF name (inverse of llama.cpp's map, for the names these models have)
 _BLOCK = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -67,7 +67,7 @@ def test_gguf_export(family, outtype, tiny_llama_dir, tiny_qwen_dir, tmp_path):
                  dropout=0.0, targets=None, layers=None)
     want = logits(model, ids)
     assert rel_err(want, base_logits) > 2e-2
-    fuse(model)
+    merge_lora(model)
     fused = dict(tree_flatten(model.parameters()))
 
     path = export(tmp_path / "run", "gguf", tmp_path / "gguf", outtype=outtype)
@@ -173,7 +173,7 @@ def test_gguf_reads_with_gguf_py(outtype, small_bpe_llama, tmp_path):
     randomize_lora(model)
     save_adapter(model, tmp_path / "run", base_path=small_bpe_llama, fingerprint=model.source["fingerprint"], rank=4,
                  alpha=8.0, dropout=0.0, targets=None, layers=None)
-    fuse(model)
+    merge_lora(model)
     fused = dict(tree_flatten(model.parameters()))
     args = model.args
     path = export(tmp_path / "run", "gguf", tmp_path / "m.gguf", outtype=outtype)

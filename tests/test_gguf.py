@@ -66,7 +66,7 @@ def test_qwen2_gguf_equals_transformers_gguf_loader(hf_dirs, ids, tmp_path, qtyp
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_gguf_saved_as_hf_dir_loads_in_transformers(hf_dirs, ids, tmp_path, family):
     """GGUF → Hugging Face dir: the config built from GGUF metadata is one transformers reads correctly."""
-    from mlxtune.loading import save_model
+    from mlxtune.saving import save_model
 
     model, _ = load(hf_to_gguf(hf_dirs[family], tmp_path / "m.gguf", "Q4_1"), dtype="float32", tokenizer=False)
     out = save_model(model, None, tmp_path / "hf")
@@ -114,6 +114,46 @@ def test_keep_quantized(hf_dirs, ids, tmp_path, qtype, bits):
     assert kept.source["fingerprint"] == dense.source["fingerprint"]
 
 
+@pytest.mark.parametrize("qtype", ["F16", "Q4_1"])
+def test_adapter_fits_its_gguf_base_in_any_dtype(hf_dirs, tmp_path, qtype):
+    """Defect 4 (#14): the base fingerprint does not depend on the dtype a GGUF is loaded in. An adapter trained
+    on a base loaded in float32 (CPU) fits the same file loaded in float16 / bfloat16 (GPU, --dtype), dense or
+    kept quantized; an adapter of a different base is refused; one that recorded the fingerprint earlier versions
+    took after the cast (float16 here) still loads."""
+    from mlxtune.adapters import save_adapter
+    from mlxtune.errors import AdapterError
+    from mlxtune.loading import fingerprint
+    from mlxtune.lora import apply_lora
+
+    path = hf_to_gguf(hf_dirs["llama"], tmp_path / "base.gguf", qtype)
+    trained, _ = load(path, dtype="float32", tokenizer=False)
+    apply_lora(trained, rank=4, alpha=8.0, targets=["q_proj", "v_proj"], verbose=False)
+
+    def save(name: str, fp: str):
+        return save_adapter(trained, tmp_path / name, base_path=str(path), fingerprint=fp, rank=4, alpha=8.0,
+                            dropout=0.0, targets=["q_proj", "v_proj"], layers=None)
+
+    adapter = save("adapter", trained.source["fingerprint"])
+    for dtype in ("float32", "float16", "bfloat16"):
+        model, _ = load(path, dtype=dtype, adapter=adapter, tokenizer=False)
+        assert model.source["fingerprint"] == trained.source["fingerprint"]
+    if qtype == "Q4_1":
+        load(path, dtype="bfloat16", adapter=adapter, tokenizer=False, keep_quantized=True)
+
+    other = hf_to_gguf(hf_dirs["llama3"], tmp_path / "other.gguf", qtype)  # same shapes, other weights
+    with pytest.raises(AdapterError, match="trained on a different base model"):
+        load(other, dtype="float16", adapter=adapter, tokenizer=False)
+
+    # the fingerprint as earlier versions recorded it: taken on the weights after the float16 cast
+    cast = read_gguf(path, dtype="float16")
+    legacy = fingerprint(load(path, tokenizer=False)[0].sanitize(cast.weights), cast.quantization)
+    assert legacy != trained.source["fingerprint"]
+    old_adapter = save("old-adapter", legacy)
+    load(path, dtype="float16", adapter=old_adapter, tokenizer=False)
+    with pytest.raises(AdapterError, match="trained on a different base model"):
+        load(other, dtype="float16", adapter=old_adapter, tokenizer=False)
+
+
 def test_gguf_errors(tmp_path, hf_dirs):
     from gguf import GGUFWriter
 
@@ -135,6 +175,43 @@ def test_gguf_errors(tmp_path, hf_dirs):
     (gguf_dir / "model.gguf").write_bytes(good)
     with pytest.raises(ModelLoadError, match="pass the .gguf file itself"):
         load(gguf_dir, tokenizer=False)
+
+
+def _patched(good: bytes, tmp_path, name: str, at: int, fmt: str, value) -> "Path":
+    import struct
+
+    buf = bytearray(good)
+    struct.pack_into(fmt, buf, at, value)
+    path = tmp_path / f"{name}.gguf"
+    path.write_bytes(bytes(buf))
+    return path
+
+
+def test_lying_header_is_one_error_naming_the_file(hf_dirs, tmp_path):
+    """Every count, length and extent of the header is checked against the file size before anything is
+    allocated or a native reader sees the file: a lying header is a ModelLoadError naming the file."""
+    from mlxtune.gguf import header_config, read_header
+
+    good = hf_to_gguf(hf_dirs["llama"], tmp_path / "good.gguf", "F16").read_bytes()
+    tensor = good.find(b"token_embd.weight") + len(b"token_embd.weight")  # then n_dims u32, dims u64, type, offset
+    tokens = good.find(b"tokenizer.ggml.tokens") + len(b"tokenizer.ggml.tokens")  # then type u32, etype u32, count
+    lies = {
+        "n_tensors": (8, "<Q", 2**62),
+        "n_kv": (16, "<Q", 2**40),
+        "key_length": (24, "<Q", 2**60),
+        "array_count": (tokens + 8, "<Q", 2**61),
+        "n_dims": (tensor, "<I", 9),
+        "dim": (tensor + 4, "<Q", 2**40),
+        "offset": (tensor + 4 + 16 + 4, "<Q", 2**50),
+    }
+    for name, (at, fmt, value) in lies.items():
+        path = _patched(good, tmp_path, name, at, fmt, value)
+        for read in (read_header, header_config, lambda p: load(p, tokenizer=False)):
+            with pytest.raises(ModelLoadError, match=f"{path}: the GGUF (header is truncated or corrupt|file is truncated)"):
+                read(path)
+    header = read_header(tmp_path / "good.gguf")
+    assert header.shapes["token_embd.weight"] == (512, 64) and "tokenizer.ggml.tokens" not in header.metadata
+    assert len(read_header(tmp_path / "good.gguf", max_array=None).metadata["tokenizer.ggml.tokens"]) == 512
 
 
 # ---------------------------------------------------------------------------------------------------------

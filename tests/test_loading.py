@@ -19,7 +19,8 @@ from conftest import make_tiny_model_dir, read_json
 from core_helpers import RTOL, hf_logits, mlx_logits, rel_err
 from mlxtune.config import QuantizeConfig
 from mlxtune.errors import ConfigError, ModelLoadError, MlxtuneError
-from mlxtune.loading import fingerprint, load, save_model
+from mlxtune.loading import fingerprint, load
+from mlxtune.saving import save_model
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +145,7 @@ def test_bad_paths_and_offline_hub_id(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         load("nope.gguf")
     # conftest sets HF_HUB_OFFLINE=1: a hub id that is not cached cannot be fetched
-    with pytest.raises(ModelLoadError, match="not a local path.*Hugging Face hub.*pass the local dir: model.path=DIR"):
+    with pytest.raises(ModelLoadError, match="definitely-not-cached-model.*not in the cache.*pass the local dir: model.path"):
         load("mlxtune-test/definitely-not-cached-model")
 
 

@@ -79,10 +79,9 @@ def test_qlora_training_loss_falls(qlora_run):
 @pytest.mark.timeout(300)
 def test_qlora_adapter_loads_back_onto_quantized_base(qlora_run, assets):
     import mlxtune
-    from mlxtune.batching import make_batches
     from mlxtune.config import load_config
-    from mlxtune.data import load_splits
-    from mlxtune.evaluate import score
+    from mlxtune.data import load_splits, make_batches
+    from mlxtune.eval import score
     from mlxtune.lora import LoRALinear, lora_modules
 
     model_dir, _ = assets
