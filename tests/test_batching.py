@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlxtune.batching import Batch, epoch_order, make_batches, pack, padding_fraction
-from mlxtune.data import Example
+from mlxtune.data import Batch, Example, epoch_order, make_batches, pack, padding_fraction
 from mlxtune.lora import apply_lora
 from mlxtune.model import Model, ModelArgs
 
@@ -235,7 +234,7 @@ def test_packed_examples_do_not_see_each_other():
 
 
 def test_auto_packing_picks_the_cheaper_layout():
-    from mlxtune.batching import DEFAULT_ATTENTION_WEIGHT, attention_weight, estimated_cost
+    from mlxtune.data import DEFAULT_ATTENTION_WEIGHT, attention_weight, estimated_cost
 
     examples = random_examples(400, seed=2, lo=20, hi=200)
     packed = make_batches(examples, 4, 2048, True, 0)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mlxtune import data as D
+from mlxtune.cli.data import register as register_data_cli
 from mlxtune.config import DataConfig
 from mlxtune.errors import ConfigError, DataError
 
@@ -247,7 +248,7 @@ def test_cache_hit_miss_and_corruption(tmp_path, tok, alpaca_seed_dir):
     assert load(path, tok).info["train"]["cached"]
     copy = write(tmp_path / "v.jsonl", path.read_text().splitlines()[:-1])  # content changed
     assert not load(copy, tok).info["train"]["cached"]
-    assert not list(D.cache_dir().glob("*.tmp"))
+    assert all(p.suffix == ".npz" and not p.name.startswith(".") for p in D.cache_dir().iterdir())  # no temps left
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -256,7 +257,7 @@ def test_cache_hit_miss_and_corruption(tmp_path, tok, alpaca_seed_dir):
 
 def run_cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mlxtune")
-    D.register_cli(parser.add_subparsers(dest="command"))
+    register_data_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,6 +1,6 @@
 """Batches: length-bucketed padding, or packing with segment ids; a seeded, resumable batch order.
 
-`make_batches` turns examples (`ids`, `mask`: see data.py) into a fixed list of batches, computed once, so the
+`make_batches` turns examples (`ids`, `mask`: see records.py) into a fixed list of batches, computed once, so the
 trainer knows the steps per epoch and a resumed run sees the same batches. Each example contributes
 `inputs = ids[:-1]`, `targets = ids[1:]` and `loss_mask = mask[1:]`, always within itself: no position ever
 predicts a token of another example.
