@@ -5,7 +5,7 @@ or `--tiny` a random tiny Qwen2 dir made here. The prompts: the instructions (+ 
 test tasks (data/alpaca_seed/test.jsonl) under the model's chat template, of different lengths.
 
   one-at-a-time  mlx-lm's stream_generate per prompt (the path `mlxtune generate` takes), greedy
-  batched        mlxtune.generate.generate_batch: prompts sorted by length, left-padded into one BatchKVCache,
+  batched        mlxtune.generation.generate_batch: prompts sorted by length, left-padded into one BatchKVCache,
                  each row stops at its own end-of-turn token
   mlx-lm batch   mlx_lm.generate.batch_generate (the peer), same stop tokens
 
@@ -31,7 +31,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import mlx.core as mx  # noqa: E402
 
-from mlxtune.generate import encode_prompt, generate_batch, stop_token_ids  # noqa: E402
+from mlxtune.generation import encode_prompt, generate_batch  # noqa: E402
+from mlxtune.tokenizer import stop_token_ids  # noqa: E402
 
 
 def prompts_from_seed_tasks(tok, n: int) -> list[list[int]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pexpect
 
-from mlxtune.generate import encode_prompt
+from mlxtune.generation import encode_prompt
 
 ROOT = Path(__file__).resolve().parent.parent
 STATS = re.compile(r"\[prompt (\d+) tokens \((\d+) cached\), [\d.]+ tok/s \| (\d+) tokens, [\d.]+ tok/s\]")

@@ -12,8 +12,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlxtune.batching import make_batches
-from mlxtune.evaluate import (
+from mlxtune.data import make_batches
+from mlxtune.eval import (
     bertscore,
     bits_per_byte,
     generation_examples,
@@ -211,8 +211,10 @@ def test_bertscore_available_path_reports_the_scorer_numbers(tmp_path, monkeypat
 
 def test_notebook_api_names_stay_callable_after_submodule_import():
     import mlxtune
-    import mlxtune.evaluate  # noqa: F401  (rebinds the package attribute to the module)
-    import mlxtune.generate  # noqa: F401
+    import mlxtune.chat_repl  # noqa: F401  (importing a submodule binds its name on the package)
+    import mlxtune.eval  # noqa: F401
+    import mlxtune.generation  # noqa: F401
 
     assert callable(mlxtune.evaluate) and callable(mlxtune.generate) and callable(mlxtune.chat)
-    assert mlxtune.evaluate.score is score
+    assert mlxtune.evaluate is mlxtune.eval.evaluate and mlxtune.eval.score is score
+    assert mlxtune.generate is mlxtune.generation.generate and mlxtune.chat is mlxtune.chat_repl.chat

@@ -77,7 +77,7 @@ def test_eval_compare_from_run_dir(tmp_path, adapter_run, monkeypatch):
 
 def test_eval_compare_with_adapter_dir_matches_tuned_model(tmp_path, adapter_run, tiny_qwen_dir, alpaca_seed_dir):
     """The tuned column equals evaluating the model loaded with the adapter directly."""
-    from mlxtune.evaluate import evaluate
+    from mlxtune.eval import evaluate
 
     cmp = evaluate(str(tiny_qwen_dir), data=str(alpaca_seed_dir / "test.jsonl"), adapter=str(adapter_run), compare=True,
                    max_examples=2, max_tokens=3, batch_size=2)

@@ -11,15 +11,9 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from mlxtune.generate import (
-    ChatSession,
-    encode_prompt,
-    generate,
-    generate_batch,
-    inference_mode,
-    stop_token_ids,
-    stream,
-)
+from mlxtune.chat_repl import ChatSession
+from mlxtune.generation import encode_prompt, generate, generate_batch, inference_mode, stream
+from mlxtune.tokenizer import stop_token_ids
 from test_evaluate import load_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,12 +48,12 @@ def one_at_a_time(model, tok, prompt_ids, max_tokens, stops):
 
 
 def test_batched_greedy_equals_one_at_a_time(qwen, monkeypatch):
-    import mlxtune.generate as G
+    import mlxtune.generation as G
 
     model, tok = qwen
     prompts = [encode_prompt(tok, p) for p in PROMPTS]
     assert len({len(p) for p in prompts}) == len(prompts)  # different lengths: real left padding
-    stops = stop_token_ids(tok, model)
+    stops = set(stop_token_ids(tok, model))
     want = [one_at_a_time(model, tok, p, 12, stops) for p in prompts]
     assert len({tuple(w) for w in want}) == len(want)
     assert generate_batch(model, tok, prompts, 12, batch_size=4) == want
@@ -72,7 +66,7 @@ def test_batched_rows_stop_on_their_own(qwen):
     """Make one row's 4th token a stop token: that row ends there, the others run on, all as when alone."""
     model, tok = qwen
     prompts = [encode_prompt(tok, p) for p in PROMPTS]
-    stops = stop_token_ids(tok, model)
+    stops = set(stop_token_ids(tok, model))
     free = [one_at_a_time(model, tok, p, 10, stops) for p in prompts]
     stop_here = free[1][3]
     stops2 = stops | {stop_here}
@@ -83,9 +77,9 @@ def test_batched_rows_stop_on_their_own(qwen):
 
 
 def test_stop_tokens_include_end_of_turn(llama3_tokenizer, qwen_tokenizer):
-    llama = stop_token_ids(llama3_tokenizer)
+    llama = set(stop_token_ids(llama3_tokenizer))
     assert {128009, 128001, 128008} <= llama  # <|eot_id|>, <|end_of_text|>, <|eom_id|>
-    assert {151645, 151643} <= stop_token_ids(qwen_tokenizer)  # <|im_end|>, <|endoftext|>
+    assert {151645, 151643} <= set(stop_token_ids(qwen_tokenizer))  # <|im_end|>, <|endoftext|>
 
 
 def test_sampling_is_seeded_and_leaves_global_rng_alone(qwen):
