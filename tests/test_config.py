@@ -17,19 +17,6 @@ def test_every_shipped_yaml_loads(path):
     assert (ROOT / cfg.data.train).exists(), f"{path.name}: data.train {cfg.data.train} missing from the repo"
 
 
-def test_recipe_defaults():
-    llama = load_config(ROOT / "configs/llama3.2-3b.yaml")
-    qwen = load_config(ROOT / "configs/qwen2.5-3b.yaml")
-    for c in (llama, qwen):
-        assert (c.lora.rank, c.lora.alpha, c.lora.dropout) == (16, 32.0, 0.1)
-        assert len(c.lora.targets) == 7
-        assert (c.train.epochs, c.train.batch_size, c.train.grad_accumulation) == (3, 1, 64)
-        assert (c.train.schedule, c.train.warmup_ratio, c.train.grad_checkpoint) == ("cosine", 0.03, True)
-        assert (c.train.eval_every, c.train.save_every, c.data.val_split, c.model.dtype) == (500, 500, 0.1, "bfloat16")
-    assert (llama.train.learning_rate, llama.data.max_length) == (1e-4, 512)
-    assert (qwen.train.learning_rate, qwen.data.max_length) == (5e-5, 2048)
-
-
 def test_precedence_and_coercion(tmp_path):
     y = tmp_path / "c.yaml"
     y.write_text("model: {path: m}\ntrain:\n  learning_rate: 1e-5\n  max_steps: '10'\nlora: {rank: 8}\n")

@@ -1,5 +1,5 @@
-"""diagnostics.py: the memory estimate against measured peaks, memory_guard, doctor, download (offline), and the
-rule that a model dir never runs code.
+"""memory.py, doctor.py and `mlxtune download`: the memory estimate against measured peaks, memory_guard, doctor,
+download (offline), and the rule that a model dir never runs code.
 
     python tests/test_diagnostics.py --calibrate     # the estimate vs measured table over ~30 configs (subprocesses)
 """
@@ -34,8 +34,8 @@ def measure_peak(c: dict) -> dict:
     from mlx.utils import tree_flatten
 
     from mlxtune.config import TrainConfig
-    from mlxtune.diagnostics import LoraPlan, estimate_memory, weight_bytes
-    from mlxtune.lora import _resolve_targets, apply_lora
+    from mlxtune.lora import apply_lora
+    from mlxtune.memory import LoraPlan, estimate_memory, weight_bytes
     from mlxtune.model import Model, ModelArgs
     from mlxtune.step import TrainStep, make_optimizer
 
@@ -51,7 +51,7 @@ def measure_peak(c: dict) -> dict:
     before = mx.get_active_memory()
     mx.reset_peak_memory()
     model = Model(args)
-    apply_lora(model, r, 2 * r, dropout=dropout, targets=targets, layers=layers, verbose=False)
+    wrapped = apply_lora(model, r, 2 * r, dropout, targets, layers, verbose=False)
     model.grad_checkpoint = c.get("ckpt", False)
     model.train()
     mx.eval(model.parameters())
@@ -70,11 +70,9 @@ def measure_peak(c: dict) -> dict:
             mx.async_eval(step.state, out)
         mx.eval(step.state)
     measured = mx.get_peak_memory() - before
-    resolved = tuple(t for t in _resolve_targets(targets))
-    layer_ids = tuple(range(nl)) if layers is None else tuple(range(nl - layers, nl))
     wb, n_params = weight_bytes(args, "float32")
     est = estimate_memory(args, weight_bytes=wb, dtype="float32", batch_size=B, length=L,
-                          lora=LoraPlan(r, resolved, layer_ids, dropout), packed=bool(c.get("packed")),
+                          lora=LoraPlan.from_paths(r, wrapped, dropout), packed=bool(c.get("packed")),
                           grad_checkpoint=c.get("ckpt", False))
     lora_bytes = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
     actual_weights = sum(v.nbytes for _, v in tree_flatten(model.parameters())) - lora_bytes
@@ -108,8 +106,8 @@ def test_quantized_weight_bytes_exact(tmp_path):
     from mlx.utils import tree_flatten
 
     from mlxtune.config import QuantizeConfig
-    from mlxtune.diagnostics import weight_bytes
-    from mlxtune.loading import quantize_model
+    from mlxtune.quant import quantize_model
+    from mlxtune.memory import weight_bytes
     from mlxtune.model import Model, ModelArgs
 
     args = ModelArgs(model_type="qwen2", hidden_size=128, intermediate_size=320, num_hidden_layers=2,
@@ -168,7 +166,7 @@ def test_estimate_reads_no_weights(small, tmp_path, capsys, monkeypatch):
 def test_estimate_gguf_from_metadata(smollm2_gguf):
     import time
 
-    from mlxtune.diagnostics import model_spec
+    from mlxtune.memory import model_spec
 
     t = time.perf_counter()
     spec = model_spec(smollm2_gguf, dtype="float32")
@@ -181,7 +179,7 @@ def test_estimate_gguf_from_metadata(smollm2_gguf):
 
 
 def test_estimate_checkpointing_and_batch_lower_the_peak(small, tmp_path):
-    from mlxtune.diagnostics import estimate
+    from mlxtune.memory import estimate
 
     root, model, data = small
     cfg = run_config(tmp_path, model, data)
@@ -199,11 +197,11 @@ def test_estimate_checkpointing_and_batch_lower_the_peak(small, tmp_path):
 
 
 def test_memory_guard_refuses_with_advice_and_writes_nothing(small, tmp_path, capsys, monkeypatch):
-    import mlxtune.diagnostics as diag
+    import mlxtune.memory as memory
 
     root, model, data = small
     monkeypatch.setenv("MLXTUNE_CACHE", str(root / "cache"))
-    monkeypatch.setattr(diag, "available_memory", lambda: (1_000_000, "RAM available (test)"))
+    monkeypatch.setattr(memory, "available_memory", lambda: (1_000_000, "RAM available (test)"))
     cfg = write_yaml(tmp_path / "cfg.yaml", run_config(tmp_path, model, data, memory_guard="refuse"))
     code, out, err = _main(["train", "-c", str(cfg), "--quiet"], capsys)
     assert code == 2
@@ -217,11 +215,11 @@ def test_memory_guard_refuses_with_advice_and_writes_nothing(small, tmp_path, ca
 
 
 def test_memory_guard_warns_and_trains(small, tmp_path, capsys, monkeypatch):
-    import mlxtune.diagnostics as diag
+    import mlxtune.memory as memory
 
     root, model, data = small
     monkeypatch.setenv("MLXTUNE_CACHE", str(root / "cache"))
-    monkeypatch.setattr(diag, "available_memory", lambda: (1_000_000, "RAM available (test)"))
+    monkeypatch.setattr(memory, "available_memory", lambda: (1_000_000, "RAM available (test)"))
     cfg = write_yaml(tmp_path / "cfg.yaml", run_config(tmp_path, model, data, max_steps=1, eval_every=0))
     code, out, err = _main(["train", "-c", str(cfg), "--quiet"], capsys)
     assert code == 0
@@ -232,18 +230,69 @@ def test_memory_guard_warns_and_trains(small, tmp_path, capsys, monkeypatch):
 
 def test_memory_guard_quiet_when_it_fits(small, tmp_path):
     from mlxtune.config import load_config
-    from mlxtune.diagnostics import available_memory, memory_guard
     from mlxtune.loading import load
-    from mlxtune.batching import make_batches
+    from mlxtune.memory import available_memory, memory_guard
 
     root, model_dir, data = small
     budget, where = available_memory()
     assert budget and budget > 0 and where
     cfg = load_config(run_config(tmp_path, model_dir, data))
     model, tok = load(model_dir)
-    batches = make_batches([([1] * 40, [1] * 40)] * 4, 2, 96, True, 0)
-    est = memory_guard(cfg, model, batches)
-    assert est is not None and est.batch_size == 2 and est.length == 96 and est.total < budget
+    check = memory_guard(cfg, model, _batches(2, 96, 4))
+    assert check is not None and check.fits and check.warning is None
+    est = check.estimate
+    assert est.batch_size == 2 and est.length == 96 and est.total < budget
+
+
+def _batches(B: int, L: int, n: int) -> list:
+    """`n` padded micro-batches of B rows x L positions (the guard reads their shapes only)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    return [SimpleNamespace(inputs=np.zeros((B, L), np.int32), segment_ids=None) for _ in range(n)]
+
+
+def test_memory_guard_counts_the_lora_the_model_has(small, tmp_path, monkeypatch):
+    """Once LoRA is applied (e.g. from lora.init_adapter, whose rank wins over lora.rank), the guard counts the
+    model's LoRA layers, not the config's plan; without LoRA it counts lora.plan_lora's selection."""
+    import mlxtune.memory as memory
+    from mlxtune.config import load_config
+    from mlxtune.loading import load
+    from mlxtune.lora import apply_lora, lora_modules
+
+    root, model_dir, data = small
+    monkeypatch.setattr(memory, "available_memory", lambda: (1_000_000, "RAM available (test)"))
+    cfg = load_config(run_config(tmp_path, model_dir, data), lora={"rank": 4, "layers": 1})
+    model, _ = load(model_dir)
+    planned = memory.memory_guard(cfg, model, _batches(2, 96, 1))
+    assert planned.warning and "train.memory_guard: refuse stops instead" in planned.warning
+    wrapped = apply_lora(model, 16, 32.0, 0.0, ["q_proj", "v_proj"], None, verbose=False)
+    applied = memory.memory_guard(cfg, model, _batches(2, 96, 1))
+    args = model.args
+    D, K, hd = args.hidden_size, args.num_key_value_heads, args.head_dim
+    per_layer = 16 * (D + args.num_attention_heads * hd) + 16 * (D + K * hd)  # rank 16: q_proj and v_proj
+    actual = sum(m.lora_a.nbytes + m.lora_b.nbytes for m in lora_modules(model).values())
+    assert applied.estimate.lora == 4 * args.num_hidden_layers * per_layer == actual
+    assert len(wrapped) == 2 * args.num_hidden_layers
+    assert "rank 4" in planned.estimate.notes["lora"] and "x 1 layers" in planned.estimate.notes["lora"]
+    assert "rank 16" in applied.estimate.notes["lora"] and "2 projections" in applied.estimate.notes["lora"]
+
+
+def test_estimate_uses_the_lora_plan(small, tmp_path):
+    """estimate() selects LoRA layers as apply_lora does (lora.plan_lora): an int lora.layers is the LAST n
+    layers, so fewer layers need a backward pass; a misspelled target is a config error with did-you-mean."""
+    from mlxtune.errors import ConfigError
+    from mlxtune.memory import estimate
+
+    root, model, data = small
+    cfg = run_config(tmp_path, model, data)
+    every = estimate(cfg)
+    last = estimate(cfg, lora={"layers": 1})
+    assert last.lora * 2 == every.lora and last.activations < every.activations
+    assert "1 layers x" in last.notes["activations"]  # one layer from the lowest LoRA layer up: the last one
+    with pytest.raises(ConfigError, match="q_prj.*q_proj"):
+        estimate(cfg, lora={"targets": ["q_prj"]})
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -251,9 +300,9 @@ def test_memory_guard_quiet_when_it_fits(small, tmp_path):
 
 
 def test_doctor_lines_and_exit_code(tmp_path, capsys, monkeypatch):
-    import mlxtune.diagnostics as diag
+    import mlxtune.doctor as doctor
 
-    monkeypatch.setattr(diag, "blas_gflops", lambda *a, **k: 90.0)
+    monkeypatch.setattr(doctor, "blas_gflops", lambda *a, **k: 90.0)
     code, out, err = _main(["doctor", "--output-dir", str(tmp_path / "runs")], capsys)
     assert code == 0, out
     lines = out.strip().splitlines()
@@ -268,23 +317,23 @@ def test_doctor_lines_and_exit_code(tmp_path, capsys, monkeypatch):
 def test_doctor_slow_blas_fix_only_on_linux(tmp_path, monkeypatch):
     import mlx.core as mx
 
-    import mlxtune.diagnostics as diag
+    import mlxtune.doctor as doctor
 
     if mx.default_device().type != mx.DeviceType.cpu:
         pytest.skip("the BLAS check runs on the CPU backend")
-    monkeypatch.setattr(diag, "blas_gflops", lambda *a, **k: 4.8)
+    monkeypatch.setattr(doctor, "blas_gflops", lambda *a, **k: 4.8)
     monkeypatch.setattr(sys, "platform", "linux")
-    blas = [c for c in diag.doctor_checks(str(tmp_path)) if c.name == "blas"][0]
-    assert blas.status == "warn" and "libopenblas0-pthread" in blas.line() and "LD_PRELOAD" in blas.line()
+    blas = [c for c in doctor.run_checks(str(tmp_path)) if c.name == "blas"][0]
+    assert blas.status == "warn" and "libopenblas0-pthread" in blas.fix and "LD_PRELOAD" in blas.fix
     monkeypatch.setattr(sys, "platform", "darwin")
-    blas = [c for c in diag.doctor_checks(str(tmp_path)) if c.name == "blas"][0]
-    assert blas.status == "warn" and "LD_PRELOAD" not in blas.line() and "openblas" not in blas.line()
+    blas = [c for c in doctor.run_checks(str(tmp_path)) if c.name == "blas"][0]
+    assert blas.status == "warn" and "LD_PRELOAD" not in blas.fix and "openblas" not in blas.fix.lower()
 
 
 def test_doctor_fails_on_unwritable_output_dir(tmp_path, capsys, monkeypatch):
-    import mlxtune.diagnostics as diag
+    import mlxtune.doctor as doctor
 
-    monkeypatch.setattr(diag, "blas_gflops", lambda *a, **k: 90.0)
+    monkeypatch.setattr(doctor, "blas_gflops", lambda *a, **k: 90.0)
     (tmp_path / "afile").write_text("x")  # a file where the output dir's parent should be (root ignores chmod)
     code, out, err = _main(["doctor", "--no-blas", "--output-dir", str(tmp_path / "afile" / "runs")], capsys)
     assert code == 1
@@ -350,9 +399,11 @@ def test_download_fetches_safe_files_only(tmp_path, monkeypatch, capsys):
 
 def test_trust_remote_code_is_never_true():
     """Every mention of trust_remote_code in the library passes False."""
-    for f in sorted((ROOT / "mlxtune").glob("*.py")):
+    files = sorted((ROOT / "mlxtune").rglob("*.py"))  # subpackages too (cli/, data/, eval/, gguf/)
+    assert len(files) > 20
+    for f in files:
         for m in re.finditer(r"trust_remote_code\s*=\s*([^,)\s]+)", f.read_text()):
-            assert m.group(1) == "False", f"{f.name}: trust_remote_code={m.group(1)}"
+            assert m.group(1) == "False", f"{f.relative_to(ROOT)}: trust_remote_code={m.group(1)}"
 
 
 MARKER_CODE = "import pathlib; pathlib.Path({marker!r}).write_text('pwned')\n"
