@@ -6,7 +6,9 @@ micro-batch's global index (so dropout does not depend on W); `make_all_reduce` 
 token count of every process inside the compiled update, which then divides once. The update therefore equals a
 single process's on the same global batch, up to the order of float additions (~1e-7 relative). A process with
 no micro-batch in a step (W > k, or the short last step of an epoch-based run) still joins the all-reduce with
-zeros. Checkpoints store a step number, so a run resumes with any number of processes.
+zeros. Checkpoints store the step and the global micro-batch cursor, not a per-process position, and the open
+report window summed over the processes (process 0 carries it after a resume), so a run resumes exactly with any
+number of processes (checkpoint.check_resume states the change in one line).
 
 Who does what:
 - Process 0 alone touches the run dir: it checks it, reads the checkpoint to resume from and hands it to the

@@ -1,4 +1,5 @@
-"""The compiled train step: token-weighted gradient accumulation, global-norm clipping, AdamW, LR schedule.
+"""One optimizer step: the compiled functions (token-weighted accumulation, global-norm clipping, AdamW, LR
+schedule), the stream of micro-batches steps consume, and the check that a step stayed finite.
 
 Two small pure functions, each compiled once per input shape, with their state declared:
 
@@ -21,15 +22,19 @@ No `.item()`, I/O or Python side effects run inside; the host syncs only when th
 
 from __future__ import annotations
 
+import hashlib
 import math
+from contextlib import contextmanager
 from functools import partial
-from typing import Optional
+from pathlib import Path
+from typing import Any, Iterable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
+from .errors import MlxtuneError
 from .loss import loss_sum
 
 
@@ -155,3 +160,80 @@ def _leaves(tree):
     from mlx.utils import tree_flatten
 
     return [v for _, v in tree_flatten(tree)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The stream a step consumes, and its checks
+
+
+class MicroBatches:
+    """The global stream of micro-batches and the schedule over it (`k` per optimizer step, `total_steps`)."""
+
+    def __init__(self, batches: list, cfg: Any):
+        tc = cfg.train
+        self.batches, self.seed, self.shuffle, self.k = batches, tc.seed, cfg.data.shuffle, tc.grad_accumulation
+        n, k = len(batches), tc.grad_accumulation
+        self.total_micro = math.ceil(tc.epochs * n)
+        self.total_steps = tc.max_steps if tc.max_steps is not None else max(1, math.ceil(self.total_micro / k))
+        if tc.max_steps is not None:
+            self.total_micro = max(self.total_micro, self.total_steps * k)
+        self._order: tuple[int, list[int]] = (-1, [])
+
+    def at(self, j: int):
+        epoch = j // len(self.batches)
+        if self._order[0] != epoch:
+            self._order = (epoch, self.order(epoch))
+        return self.batches[self._order[1][j % len(self.batches)]]
+
+    def order(self, epoch: int) -> list[int]:
+        from .data import epoch_order
+
+        return epoch_order(len(self.batches), self.seed, epoch, self.shuffle)
+
+    def of_step(self, step: int, rank: int = 0, size: int = 1) -> list[int]:
+        """The micro-batches of `step` that process `rank` of `size` runs."""
+        first, last = step * self.k, min((step + 1) * self.k, self.total_micro)
+        return [j for j in range(first, last) if j % size == rank]
+
+    def describe(self, j: int) -> str:
+        """Where global micro-batch j comes from, for the NaN/inf error."""
+        n = len(self.batches)
+        epoch, pos = divmod(j, n)
+        return f"micro-batch {j} (epoch {epoch + 1}, position {pos + 1} of {n}: training batch #{self.order(epoch)[pos]})"
+
+
+def micro_seed(seed: int, micro_index: int) -> int:
+    """The RNG seed for global micro-batch j: the same whichever process runs it (so W processes == 1)."""
+    h = hashlib.blake2b(f"{seed}:{micro_index}".encode(), digest_size=4).digest()
+    return int.from_bytes(h, "little")
+
+
+def all_finite(arrays: Iterable[mx.array]) -> bool:
+    """True when every value of every (evaluated) array is finite; one host sync."""
+    return bool(mx.all(mx.stack([mx.all(mx.isfinite(a)) for a in arrays])).item())
+
+
+def nonfinite_error(step: int, what: str, where: str, good: Optional[Path]) -> MlxtuneError:
+    """One line: the step and the batch where training diverged, and where the last good checkpoint is."""
+    resume = (f"the last good checkpoint is {good} (its weights are finite; if the loss was already climbing, use an "
+              f"earlier one or start over): resume with --resume PATH and a lower train.learning_rate, or check the "
+              f"examples of that batch") if good else (
+              "no checkpoint was written before it: lower train.learning_rate, or check the examples of that batch")
+    at = f" at {where}" if where else ""
+    return MlxtuneError(f"step {step}: {what}{at}; training stopped and this step was not saved; {resume}")
+
+
+@contextmanager
+def memory_limit(gb: Optional[float]):
+    """train.memory_limit_gb: MLX's memory limit for the duration of training, the previous one restored after.
+
+    Above the limit, MLX evaluation waits for the device before queueing more work, so the inputs that queued GPU
+    command buffers keep alive cannot pile up beyond the step's live set (docs/TROUBLESHOOTING.md). None: untouched."""
+    if gb is None:
+        yield
+        return
+    previous = mx.set_memory_limit(int(gb * 1e9))
+    try:
+        yield
+    finally:
+        mx.set_memory_limit(previous)

@@ -1,39 +1,40 @@
-"""The training loop, top to bottom: load → LoRA → data → resume → steps (report, eval, checkpoint) → save.
+"""The training loop in three phases: `prepare` → `_loop` → `_finish`.
 
-`mlxtune train -c CONFIG [--resume [PATH]] [--section.key value ...]` and `mlxtune.train(config, **overrides)`.
+    prepare   config → model → LoRA → data → memory guard → resume state (a fresh one, or a checkpoint's,
+              checked against this run) → the compiled step; everything the user can get wrong is checked
+              before the run dir is written
+    _loop     one optimizer step at a time: run its micro-batches, report, validate, checkpoint, stop
+    _finish   the final adapter, then the callbacks' on_train_end (loss.png)
 
-The loop walks a global stream of micro-batches: micro-batch j is batch `epoch_order(epoch = j // n)[j % n]`,
-and optimizer step s consumes micro-batches [s*k, (s+1)*k) (k = grad_accumulation). The cursor saved in a
-checkpoint is a step number, so resuming continues the same stream, the same schedule and the same RNG (the RNG
-is re-seeded from (seed, j) before every micro-batch). With data parallelism (distributed.py), process r of W
-runs the micro-batches of each step whose index ≡ r (mod W); counts and gradients are summed before the update,
-so the update does not depend on W.
+The loop walks a global stream of micro-batches (`MicroBatches`): micro-batch j is batch
+`epoch_order(epoch = j // n)[j % n]`, and optimizer step s consumes micro-batches [s*k, (s+1)*k)
+(k = grad_accumulation). The RNG is re-seeded from (seed, j) before every micro-batch, so the `ResumeState`
+saved whole in every checkpoint (checkpoint.py: step, cursor, schedule, report window, trained tokens,
+early stopping) is all a resumed run needs to continue bit for bit. With data parallelism (distributed.py),
+process r of W runs the micro-batches of each step whose index ≡ r (mod W); counts and gradients are summed
+before the update, so the update does not depend on W.
 
-Everything the user can get wrong (config, model dir, data) is checked before the run dir is created.
+Reporting goes through callbacks (callbacks.py): the loop builds records and calls them; only process 0 has any.
 """
 
 from __future__ import annotations
 
-import errno
 import dataclasses
-import hashlib
-import json
 import math
-import signal
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import mlx.core as mx
-import numpy as np
 
-from .checkpoint import RunDir, clean_partial, latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint, write_json_atomic
+from .callbacks import Callback, CallbackList, RunInfo, StopFlag, default_callbacks, peak_memory_gb, rss_gb
+from .checkpoint import (ResumeState, RunDir, Window, abandon_newer, check_resume, data_hash, disk_errors,
+                         latest_checkpoint, load_checkpoint, recover_run, resolve_resume, save_checkpoint)
 from .config import Config, load_config
 from .errors import CheckpointError, ConfigError, MlxtuneError
-from .monitor import Monitor, peak_memory_gb, plot_loss, rss_gb, truncate_metrics
+from .step import MicroBatches, TrainStep, all_finite, make_optimizer, memory_limit, micro_seed, nonfinite_error
 
 
 @dataclass
@@ -46,373 +47,343 @@ class TrainResult:
     best: Optional[dict] = None
 
 
-def _micro_seed(seed: int, micro_index: int) -> int:
-    """The RNG seed for global micro-batch j: the same whichever process runs it (so W processes == 1)."""
-    h = hashlib.blake2b(f"{seed}:{micro_index}".encode(), digest_size=4).digest()
-    return int.from_bytes(h, "little")
-
-
-def _data_hash(batches, cfg: Config) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps([cfg.data.max_length, cfg.data.packing, cfg.train.batch_size, cfg.data.shuffle, cfg.train.seed]).encode())
-    for b in batches:
-        h.update(np.ascontiguousarray(b.inputs).tobytes())
-        h.update(np.ascontiguousarray(b.loss_mask).tobytes())
-    return h.hexdigest()
-
-
-class _StopFlag:
-    """First Ctrl-C: finish the current step, checkpoint, exit cleanly. Second: stop at once."""
-
-    def __init__(self):
-        self.stop = False
-        self._prev = None
-
-    def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            self._prev = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def _handler(self, signum, frame):
-        if self.stop:
-            raise KeyboardInterrupt
-        self.stop = True
-        print("\ninterrupt: finishing this step, writing a checkpoint (Ctrl-C again to abort)", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        if self._prev is not None:
-            signal.signal(signal.SIGINT, self._prev)
-
-
-def _all_finite(arrays) -> bool:
-    """True when every value of every (evaluated) array is finite; one host sync."""
-    return bool(mx.all(mx.stack([mx.all(mx.isfinite(a)) for a in arrays])).item())
-
-
-def _nonfinite_error(step: int, what: str, where: str, good: Optional[Path]) -> MlxtuneError:
-    """One line: the step and the batch where training diverged, and where the last good checkpoint is."""
-    resume = (f"the last good checkpoint is {good} (its weights are finite; if the loss was already climbing, use an "
-              f"earlier one or start over): resume with --resume PATH and a lower train.learning_rate, or check the "
-              f"examples of that batch") if good else (
-              "no checkpoint was written before it: lower train.learning_rate, or check the examples of that batch")
-    at = f" at {where}" if where else ""
-    return MlxtuneError(f"step {step}: {what}{at}; training stopped and this step was not saved; {resume}")
-
-
-@contextmanager
-def _disk_errors(run: RunDir, good):
-    """A full disk outside save_checkpoint (metrics, best/, the final adapter, loss.png) → one line, not a traceback."""
-    try:
-        yield
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        where = e.filename or run.root
-        raise MlxtuneError(f"{where}: {e.strerror} while writing the run; free some space, then continue with --resume "
-                           f"(last checkpoint: {good() or 'none'})") from None
-    except RuntimeError as e:  # MLX's safetensors writer: "[write] Unable to write N bytes to file."
-        if not str(e).startswith(("[write]", "[save_safetensors]")):
-            raise
-        raise MlxtuneError(f"{run.root}: could not write ({e}); is the disk full? free some space, then continue with "
-                           f"--resume (last checkpoint: {good() or 'none'})") from None
-
-
-@contextmanager
-def _memory_limit(gb: Optional[float]):
-    """train.memory_limit_gb: MLX's memory limit for the duration of training, the previous one restored after.
-
-    Above the limit, MLX evaluation waits for the device before queueing more work, so the inputs that queued GPU
-    command buffers keep alive cannot pile up beyond the step's live set (docs/TROUBLESHOOTING.md). None: untouched."""
-    if gb is None:
-        yield
-        return
-    previous = mx.set_memory_limit(int(gb * 1e9))
-    try:
-        yield
-    finally:
-        mx.set_memory_limit(previous)
-
-
 def evaluate_loss(model, batches) -> dict:
-    """Token-weighted validation loss and perplexity over `batches` (evaluate.score: eval mode, restored after)."""
-    from .evaluate import score
+    """Token-weighted validation loss and perplexity over `batches` (eval.score: eval mode, restored after)."""
+    from .eval import score
 
     return score(model, batches)
 
 
 def train(config: Union[str, Path, dict, Config, None] = None, *, resume: Union[bool, str, None] = None,
-          overrides: Optional[list[str]] = None, quiet: bool = False, world=None, **kwargs: Any) -> TrainResult:
+          overrides: Optional[list[str]] = None, quiet: bool = False, world=None,
+          callbacks: Optional[Sequence[Callback]] = None, report_to: Optional[Sequence[str]] = None,
+          **kwargs: Any) -> TrainResult:
     """Fine-tune with LoRA as `config` says; returns the run dir and final metrics.
 
     `config`: a YAML path, dict or Config; `overrides`: CLI-style `["--lora.rank", "32"]`; kwargs: sections as dicts
     (`train={"max_steps": 10}`) or dotted names (`**{"train.max_steps": 10}`). `resume=True` continues from the
-    latest checkpoint in output_dir, `resume=PATH` from that checkpoint / run dir.
+    latest checkpoint in output_dir, `resume=PATH` from that checkpoint / run dir. `callbacks`: reporters run
+    after the built-in ones (callbacks.py); `report_to`: trackers, as train.report_to (["tensorboard", "wandb"]).
+    `world`: a distributed.World when launched as several processes.
     """
-    from . import adapters, batching, data as data_mod, loading
-    from .lora import adapter_weights, apply_lora
-    from .step import TrainStep, make_optimizer
+    if report_to is not None:
+        kwargs["train.report_to"] = [report_to] if isinstance(report_to, str) else list(report_to)
+    job = prepare(config, resume=resume, overrides=overrides, quiet=quiet, world=world, callbacks=callbacks, **kwargs)
+    with StopFlag() as flag, disk_errors(job.run, job.last_good), memory_limit(job.cfg.train.memory_limit_gb):
+        job.world.on_main(lambda: _start_run_dir(job, flag))
+        mx.reset_peak_memory()  # report training memory, not the transients of loading and converting the model
+        outcome, last_val = _loop(job, flag)
+    return _finish(job, outcome, last_val)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Prepare
+
+
+@dataclass
+class Job:
+    """What `prepare` builds and the loop and `_finish` use."""
+
+    cfg: Config
+    world: Any
+    run: RunDir
+    model: Any
+    tokenizer: Any
+    stream: MicroBatches
+    valid_batches: list
+    valid_examples: list
+    optimizer: Any
+    step_fn: Any
+    state: ResumeState
+    resume_path: Optional[Path]
+    identity: dict
+    lora_meta: dict
+    info: dict
+    callbacks: CallbackList = field(default_factory=CallbackList)
+    notes: list = field(default_factory=list)
+    saved_step: Optional[int] = None
+    window_started: float = 0.0
+
+    def last_good(self) -> Optional[Path]:
+        """The newest checkpoint known to be good: this run's last save, else the one it resumed from."""
+        return self.run.step_dir(self.saved_step) if self.saved_step is not None else self.resume_path
+
+
+def prepare(config: Any = None, *, resume: Any = None, overrides: Optional[list[str]] = None, quiet: bool = False,
+            world=None, callbacks: Optional[Sequence[Callback]] = None, **kwargs: Any) -> Job:
+    """Everything before the first step: config → model → LoRA → data → memory guard → resume state."""
+    from . import loading
+    from .distributed import SingleProcess, make_all_reduce, shard_warning
+    from .lora import adapter_weights
+    from .trackers import check_trackers, make_trackers
 
     cfg = load_config(config, overrides, **kwargs)
-    tc, dc = cfg.train, cfg.data
+    check_trackers(cfg.train.report_to)  # a tracker that is not installed: one line before anything is loaded
     if not cfg.model.path:
         raise ConfigError("model.path: not set; point it at a Hugging Face model dir, a .gguf file or a hub id")
-    if not dc.train:
+    if not cfg.data.train:
         raise ConfigError("data.train: not set; point it at a JSON/JSONL/Parquet file or a dir with train/valid/test files")
-    from .distributed import SingleProcess, shard_warning
-
     world = world if world is not None else SingleProcess()
-    rank, size = world.rank(), world.size()
-    is_main = rank == 0
+    is_main, size = world.rank() == 0, world.size()
     run = RunDir(Path(cfg.output_dir))
-
-    # --- Validate inputs before anything is written ------------------------------------------------------
-    def check_run_dir() -> Optional[Path]:
-        if not resume and latest_checkpoint(run) is not None:
-            raise CheckpointError(
-                f"{run.root}: already holds a run with checkpoints; add --resume to continue it or choose another --output_dir"
-            )
-        return resolve_resume(run, resume) if resume else None
-
-    # Only process 0 reads or writes the run dir (on several hosts the others need not see it); an error there
-    # is raised on every process (distributed.py).
-    resume_path = world.on_main(check_run_dir)
+    # Only process 0 reads or writes the run dir; an error there is raised on every process (distributed.py).
+    resume_path = world.on_main(lambda: _check_run_dir(run, resume))
     model, tokenizer = loading.load(cfg.model.path, dtype=cfg.model.dtype, quantize=cfg.model.quantize)
-    splits = data_mod.load_splits(dc, tokenizer, tc.seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    aw = batching.attention_weight(model.args)  # packing "auto" keeps the layout with the lower estimated compute
-    train_batches = batching.make_batches(splits.train, tc.batch_size, dc.max_length, dc.packing, pad_id, attention_weight=aw)
-    valid_batches = (batching.make_batches(splits.valid, tc.batch_size, dc.max_length, dc.packing, pad_id, attention_weight=aw)
-                     if splits.valid else [])
-    if not train_batches:
-        raise MlxtuneError(f"{dc.train}: no training batches (the training split is empty)")
-    n_batches, k = len(train_batches), tc.grad_accumulation
-    total_micro = math.ceil(tc.epochs * n_batches)
-    total_steps = tc.max_steps if tc.max_steps is not None else max(1, math.ceil(total_micro / k))
-    total_micro = max(total_micro, total_steps * k) if tc.max_steps is not None else total_micro
-
-    if tc.memory_guard != "off":  # the estimate against available memory: warn, or refuse with what to change
-        from .diagnostics import memory_guard
-
-        memory_guard(cfg, model, train_batches)
-
-    mx.random.seed(tc.seed)
-    if cfg.lora.init_adapter:  # continue from an existing adapter (any format adapters.py reads)
-        spec = adapters.read_adapter(cfg.lora.init_adapter)
-        adapters.load_adapter(model, cfg.lora.init_adapter)
-        cfg = dataclasses.replace(cfg, lora=dataclasses.replace(
-            cfg.lora, rank=spec.rank, alpha=spec.alpha, dropout=spec.dropout, targets=list(spec.targets), layers=spec.layers))
-        if is_main and not quiet:
-            print(f"starting from the {spec.format} adapter {spec.path} (rank {spec.rank}, alpha {spec.alpha:g})")
-    else:
-        apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets, cfg.lora.layers,
-                   verbose=is_main and not quiet)
-    model.grad_checkpoint = tc.grad_checkpoint
+    cfg, notes = _apply_lora(cfg, model, verbose=is_main and not quiet)
+    model.grad_checkpoint = cfg.train.grad_checkpoint
+    stream, splits, valid_batches = _load_data(cfg, model, tokenizer)
+    notes += _memory_guard(cfg, model, stream.batches)
+    notes += [w for w in [shard_warning(cfg.train.grad_accumulation, size)] if w]
     fingerprint = model.source["fingerprint"]
-    expected = {
-        "fingerprint": fingerprint,
-        "base_path": str(cfg.model.path),
-        "adapter_shapes": {k_: tuple(v.shape) for k_, v in adapter_weights(model).items()},
-        "data_hash": _data_hash(train_batches, cfg),
-    }
-    optimizer = make_optimizer(tc, total_steps)
-    start_step, early, resumed_tokens = 0, {"best": None, "best_step": None, "bad_evals": 0}, 0.0
-    world.check_same("base model or training data", [fingerprint, expected["data_hash"]])
+    identity = {"seed": cfg.train.seed, "fingerprint": fingerprint, "base_path": str(cfg.model.path),
+                "data_hash": data_hash(stream.batches, cfg)}
+    world.check_same("base model or training data", [fingerprint, identity["data_hash"]])
+    optimizer = make_optimizer(cfg.train, stream.total_steps)
+    state = ResumeState(total_steps=stream.total_steps, grad_accumulation=stream.k, world_size=size)
     if resume_path is not None:
-        adapter, opt_state, state = world.on_main(lambda: load_checkpoint(resume_path, expected))
-        model.load_weights(list(adapter.items()), strict=False)
-        optimizer.state = opt_state
-        start_step = int(state["step"])
-        early = state.get("early_stopping", early)
-        resumed_tokens = float(state.get("trained_tokens", 0.0))
+        expected = {**identity, "adapter_shapes": {k: tuple(v.shape) for k, v in adapter_weights(model).items()},
+                    "legacy_fingerprints": model.source.get("legacy_fingerprints", ())}
+        state, more = _restore(resume_path, expected, state, model, optimizer, world)
+        notes += more
     elif size > 1:  # every process starts from process 0's LoRA init, bit for bit whatever its hardware
         model.load_weights(list(world.broadcast(adapter_weights(model)).items()), strict=False)
-
-    # --- The run dir ----------------------------------------------------------------------------------------
-    def make_run_dir() -> None:
-        run.root.mkdir(parents=True, exist_ok=True)
-        clean_partial(run)
-        cfg.save(run.config)
-        if resume_path is not None:
-            truncate_metrics(run.metrics, start_step)
-        elif run.metrics.exists():
-            run.metrics.unlink()
-
-    world.on_main(make_run_dir)
-    lora_meta = dict(base_path=str(cfg.model.path), fingerprint=fingerprint, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
-                     dropout=cfg.lora.dropout, targets=list(cfg.lora.targets), layers=cfg.lora.layers)
-    all_reduce = None
-    if size > 1:
-        from .distributed import make_all_reduce
-
-        all_reduce = make_all_reduce(world)
-    step_fn = TrainStep(model, optimizer, tc.max_grad_norm, compile=tc.compile, all_reduce=all_reduce)
+    state.window = Window(mx.array(float(state.window.loss_sum)), mx.array(float(state.window.tokens)),
+                          state.window.seen, state.window.seconds)
+    all_reduce = make_all_reduce(world) if size > 1 else None
+    step_fn = TrainStep(model, optimizer, cfg.train.max_grad_norm, compile=cfg.train.compile, all_reduce=all_reduce)
     model.train()
+    lc = cfg.lora
+    lora_meta = dict(base_path=str(cfg.model.path), fingerprint=fingerprint, rank=lc.rank, alpha=lc.alpha,
+                     dropout=lc.dropout, targets=list(lc.targets), layers=lc.layers)
+    from .data import padding_fraction
 
-    monitor = Monitor(run.metrics, total_steps, start_step, quiet=quiet, is_main=is_main)
-    if is_main and not quiet:
-        pad = batching.padding_fraction(train_batches)
-        what = "resuming from " + str(resume_path) if resume_path else "training"
-        layout = "packed" if train_batches[0].segment_ids is not None else "length-bucketed"
-        print(f"{what}: {len(splits.train)} examples in {n_batches} {layout} micro-batches ({pad:.1%} padding), "
-              f"{total_steps} steps x {k} accumulation" + (f" over {size} processes" if size > 1 else "") +
-              f"; run dir {run.root}", flush=True)
-    if is_main and shard_warning(k, size):
-        print(shard_warning(k, size), file=sys.stderr, flush=True)
-
-    orders: dict[int, list[int]] = {}
-
-    def batch_at(j: int):
-        epoch = j // n_batches
-        if epoch not in orders:
-            orders.clear()
-            orders[epoch] = batching.epoch_order(n_batches, tc.seed, epoch, dc.shuffle)
-        return train_batches[orders[epoch][j % n_batches]]
-
-    def checkpoint_state(step: int) -> dict:
-        return {"micro_index": step * k, "seed": tc.seed, "epoch": step * k / n_batches, "early_stopping": early,
-                "fingerprint": fingerprint, "base_path": str(cfg.model.path), "data_hash": expected["data_hash"],
-                "total_steps": total_steps, "world_size": size, "trained_tokens": trained_tokens}
-
-    def save(step: int) -> None:  # every process waits for process 0's write and raises if it failed
-        if not _all_finite(adapter_weights(model).values()):  # never checkpoint inf/nan weights
-            raise _nonfinite_error(step, "the update made the LoRA weights inf/nan although the loss and gradient "
-                                   "were finite (train.learning_rate is far too large)", "", last_good())
-        world.on_main(lambda: save_checkpoint(run, step, adapter_weights(model), optimizer.state,
-                                              checkpoint_state(step), tc.keep_last))
-
-    # --- The loop ---------------------------------------------------------------------------------------------
-    step = start_step
-    window = {"loss": mx.array(0.0), "tokens": mx.array(0.0), "seen": 0, "t0": time.perf_counter()}
-    trained_tokens, last_val, stopped_early, interrupted = resumed_tokens, {}, False, False
-    mx.reset_peak_memory()  # report training memory, not the transients of loading and converting the model
-    last_saved = start_step if resume_path is not None else -1
-
-    def last_good() -> Optional[Path]:
-        return run.step_dir(last_saved) if last_saved > start_step else resume_path
-
-    def micro_name(j: int) -> str:  # where global micro-batch j comes from, for the NaN/inf error
-        epoch, pos = divmod(j, n_batches)
-        b = batching.epoch_order(n_batches, tc.seed, epoch, dc.shuffle)[pos]
-        return f"micro-batch {j} (epoch {epoch + 1}, position {pos + 1} of {n_batches}: training batch #{b})"
-
-    if tc.memory_limit_gb is not None and is_main and not quiet:
-        print(f"memory limit: {float(tc.memory_limit_gb)} GB (MLX evaluation waits for the device when active memory "
-              f"exceeds it)", flush=True)
-    with _StopFlag() as flag, _disk_errors(run, last_good), _memory_limit(tc.memory_limit_gb):
-        while step < total_steps:
-            first, last = step * k, min((step + 1) * k, total_micro)
-            mine = [j for j in range(first, last) if j % size == rank]
-            step_losses = []  # (j, loss_sum) of this step's micro-batches, for the NaN/inf check
-            if not mine:  # more processes than micro-batches in this step: contribute nothing, still all-reduce
-                grad_norm, lr = step_fn.update()
-            for j in mine:
-                b = batch_at(j)
-                mx.random.seed(_micro_seed(tc.seed, j))
-                seg = None if b.segment_ids is None else mx.array(b.segment_ids)
-                out = step_fn.micro(mx.array(b.inputs), mx.array(b.targets), mx.array(b.loss_mask), seg, update=j == mine[-1])
-                if j == mine[-1]:
-                    loss_s, n_tok, grad_norm, lr = out
-                else:
-                    loss_s, n_tok = out
-                step_losses.append((j, loss_s))
-                window["loss"] = window["loss"] + loss_s
-                window["tokens"] = window["tokens"] + n_tok
-                # Run this micro-batch now (asynchronously, so the next one's graph is built meanwhile). Without it
-                # the k micro-batch graphs of a step pile up lazily: k=64 held 24 GB on an H100 (NOTES.md).
-                mx.async_eval(step_fn.state, window["loss"], window["tokens"])
-                window["seen"] += int((b.inputs != pad_id).sum()) if b.segment_ids is None else int((b.segment_ids > 0).sum())
-            mx.eval(step_fn.state, window["loss"], window["tokens"])
-            # A NaN/inf loss or gradient stops the run before anything of this step is saved. The gradient norm is
-            # global (all-reduced), so every process stops at the same step; local losses only name the batch.
-            if not _all_finite([grad_norm] + ([l for _, l in step_losses] if size == 1 else [])):
-                bad = [(j, float(l.item())) for j, l in step_losses if not math.isfinite(float(l.item()))]
-                if bad:
-                    raise _nonfinite_error(step + 1, f"the loss is {bad[0][1]}", micro_name(bad[0][0]), last_good())
-                where = "; ".join(micro_name(j) for j in range(first, min(last, first + 3))) + ("; ..." if last > first + 3 else "")
-                raise _nonfinite_error(step + 1, f"the gradient norm is {float(grad_norm.item())}", where, last_good())
-            step += 1
-
-            if step % tc.log_every == 0 or step == total_steps:
-                loss_sum_, toks = float(window["loss"].item()), float(window["tokens"].item())
-                if size > 1:
-                    loss_sum_, toks, seen = (float(x) for x in world.sum_scalars([loss_sum_, toks, window["seen"]]))
-                else:
-                    seen = window["seen"]
-                dt = time.perf_counter() - window["t0"]
-                trained_tokens += toks
-                rec = {"step": step, "epoch": round(step * k / n_batches, 4), "train_loss": loss_sum_ / max(toks, 1.0),
-                       "lr": float(lr.item()), "grad_norm": float(grad_norm.item()), "tokens_per_sec": seen / dt,
-                       "trained_tokens_per_sec": toks / dt, "trained_tokens": trained_tokens,
-                       "peak_memory_gb": peak_memory_gb(), "rss_gb": rss_gb()}
-                monitor.log(rec, f"step {step}/{total_steps} | loss {rec['train_loss']:.4f} | lr {rec['lr']:.2e} | "
-                                 f"{rec['tokens_per_sec']:,.0f} tok/s | trained {int(trained_tokens):,} tok | "
-                                 f"peak {rec['peak_memory_gb']:.2f} GB | rss {rec['rss_gb']:.2f} GB | eta {monitor.eta(step)}")
-                window = {"loss": mx.array(0.0), "tokens": mx.array(0.0), "seen": 0, "t0": time.perf_counter()}
-            monitor.advance(step)
-            stop = world.any(flag.stop)  # Ctrl-C may reach the processes at different steps: all stop at this one
-
-            if valid_batches and ((tc.eval_every and step % tc.eval_every == 0) or step == total_steps):
-                last_val = _validate(model, tokenizer, valid_batches, splits.valid, cfg, step, monitor, world)
-                stop_now = _early_stopping(early, last_val, tc, step, run, model, lora_meta, world, adapters)
-                if stop_now:
-                    stopped_early = True
-            if (tc.save_every and step % tc.save_every == 0) or step == total_steps or stopped_early or stop:
-                save(step)
-                last_saved = step
-            if stopped_early:
-                monitor.log({"step": step, "event": "early_stop"}, f"early stopping at step {step}: "
-                            f"{tc.early_stopping_metric} has not improved for {tc.early_stopping_patience} evaluations "
-                            f"(best {early['best']:.4f} at step {early['best_step']}, kept in {run.best})")
-                break
-            if stop:
-                interrupted = True
-                monitor.log({"step": step, "event": "interrupted"},
-                            f"interrupted at step {step}; checkpoint in {run.step_dir(step)}; continue with --resume")
-                break
-    monitor.close()
-    model.eval()
-
-    def save_final() -> None:
-        with _disk_errors(run, last_good):
-            adapters.save_adapter(model, run.root, **lora_meta)
-            plot_loss(run.metrics, run.loss_png)
-
-    world.on_main(save_final)  # the others wait for it: mlx.launch stops every process once one exits non-zero
-    metrics = {"step": step, **{f"val_{k_}": v for k_, v in last_val.items() if k_ in ("loss", "ppl")}}
-    return TrainResult(run.root, step, metrics, interrupted, stopped_early,
-                       {"metric": tc.early_stopping_metric, "value": early["best"], "step": early["best_step"]}
-                       if early["best"] is not None else None)
+    b0 = stream.batches[0]
+    info = dict(examples=len(splits.train), micro_batches=len(stream.batches), padding=padding_fraction(stream.batches),
+                layout="packed" if b0.segment_ids is not None else "length-bucketed")
+    # Trackers after the built-ins: metrics.jsonl is cut back on resume and loss.png exists before they read them.
+    cbs = (CallbackList(default_callbacks(run.root, quiet=quiet) + make_trackers(cfg.train.report_to, run.root)
+                        + list(callbacks or [])) if is_main else CallbackList())
+    return Job(cfg, world, run, model, tokenizer, stream, valid_batches, list(splits.valid or []), optimizer, step_fn,
+               state, resume_path, identity, lora_meta, info, cbs, notes)
 
 
-def _validate(model, tokenizer, valid_batches, valid_examples, cfg: Config, step: int, monitor: Monitor, world) -> dict:
-    tc = cfg.train
-    # each process evaluates its share of the batches and the sums are added, so every process sees the same numbers
-    res = evaluate_loss(model, valid_batches[: tc.eval_batches][world.rank():: world.size()])
+def _check_run_dir(run: RunDir, resume: Any) -> Optional[Path]:
+    """The checkpoint to resume from (None: a fresh run); a run dir with checkpoints needs --resume."""
+    if run.root.is_dir():
+        recover_run(run)  # a checkpoint whose re-write was killed between its two renames comes back first
+    if not resume and latest_checkpoint(run) is not None:
+        raise CheckpointError(
+            f"{run.root}: already holds a run with checkpoints; add --resume to continue it or choose another --output_dir")
+    return resolve_resume(run, resume) if resume else None
+
+
+def _apply_lora(cfg: Config, model, *, verbose: bool) -> tuple[Config, list[str]]:
+    """Wrap the model with LoRA as lora.* says, or continue from lora.init_adapter. The adapter's shape (rank,
+    alpha, targets, layers) replaces the config's, said in one line when it differs; its dropout does not: dropout
+    is a training choice, so the config's lora.dropout is used. Returns the config with the final LoRA section."""
+    from . import adapters
+    from .lora import apply_lora
+
+    lc = cfg.lora
+    mx.random.seed(cfg.train.seed)
+    if not lc.init_adapter:
+        apply_lora(model, lc.rank, lc.alpha, lc.dropout, lc.targets, lc.layers, verbose=verbose)
+        return cfg, []
+    spec = adapters.read_adapter(lc.init_adapter)
+    adapters.load_adapter(model, dataclasses.replace(spec, dropout=lc.dropout))
+    final = dataclasses.replace(lc, rank=spec.rank, alpha=spec.alpha, targets=list(spec.targets), layers=spec.layers)
+    changed = [f"{k} {getattr(lc, k)} -> {getattr(final, k)}" for k in ("rank", "alpha", "targets", "layers")
+               if getattr(lc, k) != getattr(final, k)]
+    note = (f"starting from the {spec.format} adapter {spec.path} (rank {spec.rank}, alpha {spec.alpha:g}, dropout "
+            f"{lc.dropout:g} from lora.dropout)" + (f"; the adapter's shape replaces the config's: {', '.join(changed)}"
+                                                   if changed else ""))
+    return dataclasses.replace(cfg, lora=final), [note]
+
+
+def _load_data(cfg: Config, model, tokenizer) -> tuple[MicroBatches, Any, list]:
+    from . import data
+    from .tokenizer import pad_id
+
+    dc, tc = cfg.data, cfg.train
+    splits = data.load_splits(dc, tokenizer, tc.seed)
+    pad, aw = pad_id(tokenizer), data.attention_weight(model.args)  # packing "auto" keeps the cheaper layout
+
+    def batches(examples):
+        return data.make_batches(examples, tc.batch_size, dc.max_length, dc.packing, pad, attention_weight=aw)
+
+    train_batches = batches(splits.train)
+    if not train_batches:
+        raise MlxtuneError(f"{dc.train}: no training batches (the training split is empty)")
+    return MicroBatches(train_batches, cfg), splits, batches(splits.valid) if splits.valid else []
+
+
+def _memory_guard(cfg: Config, model, batches) -> list[str]:
+    """The memory estimate of the final LoRA shape against what is available: refuses (raises) or returns a warning."""
+    if cfg.train.memory_guard == "off":
+        return []
+    from .memory import memory_guard
+
+    check = memory_guard(cfg, model, batches)
+    return [f"warning: {check.warning}"] if check is not None and getattr(check, "warning", None) else []
+
+
+def _restore(path: Path, expected: dict, fresh: ResumeState, model, optimizer, world) -> tuple[ResumeState, list[str]]:
+    """Load the checkpoint into the model and optimizer; its state, checked against this run's (`fresh`)."""
+
+    def load():
+        adapter, opt_state, raw = load_checkpoint(path, expected)
+        notes = check_resume(path, ResumeState.from_dict(raw), grad_accumulation=fresh.grad_accumulation,
+                             total_steps=fresh.total_steps, world_size=fresh.world_size)
+        return adapter, opt_state, raw, notes
+
+    adapter, opt_state, raw, notes = world.on_main(load)
+    model.load_weights(list(adapter.items()), strict=False)
+    optimizer.state = opt_state
+    saved = ResumeState.from_dict(raw)
+    # process 0 carries the window the checkpoint saved (summed over the processes that wrote it)
+    window = saved.window if world.rank() == 0 else Window()
+    return dataclasses.replace(saved, total_steps=fresh.total_steps, world_size=fresh.world_size,
+                               grad_accumulation=fresh.grad_accumulation, window=window), notes
+
+
+def _start_run_dir(job: Job, flag: "StopFlag") -> None:
+    """Process 0: the run dir, config.yaml, the abandoned trajectory moved aside, notes, on_train_begin."""
+    run, st = job.run, job.state
+    run.root.mkdir(parents=True, exist_ok=True)
+    job.cfg.save(run.config)
+    notes = list(job.notes)
+    if job.resume_path is not None:
+        notes += abandon_newer(run, st.step, job.resume_path)
+        es = st.early_stopping
+        if es.best_step == st.step and not run.best.exists():  # the loaded weights are the best evaluation's
+            _write_best(job, {"step": st.step, "metric": job.cfg.train.early_stopping_metric, "value": es.best})
+    for n in notes:
+        print(n if n.startswith(("warning:", "note:")) else f"note: {n}", file=sys.stderr, flush=True)
+    job.callbacks.on_train_begin(RunInfo(
+        run.root, st.total_steps, st.step, job.resume_path, job.cfg.to_dict(), job.world.size(),
+        fingerprint=job.identity["fingerprint"], request_stop=flag.request, **job.info))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _loop(job: Job, flag: "StopFlag") -> tuple[str, dict]:
+    """Optimizer steps from the resume state to the end of the schedule: returns (how it ended, last validation).
+
+    "done", "early_stop" (patience ran out) or "interrupted" (Ctrl-C or a callback's request_stop, on any
+    process: all stop after the same step). A stop always writes a checkpoint first."""
+    st, tc, cb = job.state, job.cfg.train, job.callbacks
+    total, outcome, last_val = st.total_steps, "done", {}
+    job.window_started = time.perf_counter()
+    while st.step < total:
+        grad_norm, lr = _run_step(job)
+        st.advance()
+        if st.step % tc.log_every == 0 or st.step == total:
+            cb.on_log(_report(job, grad_norm, lr))
+        if job.valid_batches and (_every(st.step, tc.eval_every) or st.step == total):
+            last_val, record = _validate(job)
+            cb.on_eval(record)
+            if _early_stopping(job, last_val):
+                outcome = "early_stop"
+        if job.world.any(flag.stop) and outcome == "done":
+            outcome = "interrupted"
+        if _every(st.step, tc.save_every) or st.step == total or outcome != "done":
+            cb.on_save(st.step, _save(job))
+        if outcome == "early_stop":
+            es = st.early_stopping
+            cb.on_log({"step": st.step, "event": "early_stop", "metric": tc.early_stopping_metric,
+                       "patience": tc.early_stopping_patience, "best": es.best, "best_step": es.best_step})
+            break
+        if outcome == "interrupted":
+            cb.on_log({"step": st.step, "event": "interrupted", "checkpoint": str(job.run.step_dir(st.step))})
+            break
+    return outcome, last_val
+
+
+def _every(step: int, n: int) -> bool:
+    return bool(n) and step % n == 0
+
+
+def _run_step(job: Job) -> tuple[mx.array, mx.array]:
+    """This process's micro-batches of the current step, then the update; adds to the report window."""
+    from .loss import batch_arrays
+
+    w, fn, world = job.state.window, job.step_fn, job.world
+    mine = job.stream.of_step(job.state.step, world.rank(), world.size())
+    losses = []  # (j, loss_sum) of this step's micro-batches, for the NaN/inf check
+    if not mine:  # more processes than micro-batches in this step: contribute nothing, still all-reduce
+        grad_norm, lr = fn.update()
+    for j in mine:
+        b = job.stream.at(j)
+        mx.random.seed(micro_seed(job.cfg.train.seed, j))
+        out = fn.micro(*batch_arrays(b), update=j == mine[-1])
+        loss_s, n_tok = out[:2]
+        if j == mine[-1]:
+            grad_norm, lr = out[2:]
+        losses.append((j, loss_s))
+        w.loss_sum, w.tokens, w.seen = w.loss_sum + loss_s, w.tokens + n_tok, w.seen + b.n_real
+        # Run this micro-batch now (asynchronously, so the next one's graph is built meanwhile). Without it
+        # the k micro-batch graphs of a step pile up lazily: k=64 held 24 GB on an H100 (NOTES.md).
+        mx.async_eval(fn.state, w.loss_sum, w.tokens)
+    mx.eval(fn.state, w.loss_sum, w.tokens)
+    # A NaN/inf loss or gradient stops the run before anything of this step is saved. The gradient norm is
+    # global (all-reduced), so every process stops at the same step; local losses only name the batch.
+    if not all_finite([grad_norm] + ([l for _, l in losses] if world.size() == 1 else [])):
+        step = job.state.step + 1
+        bad = [(j, float(l.item())) for j, l in losses if not math.isfinite(float(l.item()))]
+        if bad:
+            raise nonfinite_error(step, f"the loss is {bad[0][1]}", job.stream.describe(bad[0][0]), job.last_good())
+        js = job.stream.of_step(job.state.step)
+        where = "; ".join(job.stream.describe(j) for j in js[:3]) + ("; ..." if len(js) > 3 else "")
+        raise nonfinite_error(step, f"the gradient norm is {float(grad_norm.item())}", where, job.last_good())
+    return grad_norm, lr
+
+
+def _window_sums(job: Job) -> tuple[float, float, float]:
+    """(loss sum, target tokens, real input tokens) of the open window, summed over the processes."""
+    w = job.state.window
+    sums = [float(w.loss_sum.item()), float(w.tokens.item()), float(w.seen)]
+    return tuple(job.world.sum_scalars(sums)) if job.world.size() > 1 else tuple(sums)
+
+
+def _report(job: Job, grad_norm: mx.array, lr: mx.array) -> dict:
+    """The training report of the window since the last one; the window starts afresh."""
+    st = job.state
+    loss_sum, toks, seen = _window_sums(job)
+    now = time.perf_counter()
+    dt = st.window.seconds + now - job.window_started
+    st.trained_tokens += toks
+    st.window, job.window_started = Window(mx.array(0.0), mx.array(0.0)), now
+    return {"step": st.step, "epoch": round(st.micro_index / len(job.stream.batches), 4),
+            "train_loss": loss_sum / max(toks, 1.0), "lr": float(lr.item()), "grad_norm": float(grad_norm.item()),
+            "tokens_per_sec": seen / dt, "trained_tokens_per_sec": toks / dt, "trained_tokens": st.trained_tokens,
+            "peak_memory_gb": peak_memory_gb(), "rss_gb": rss_gb()}
+
+
+def _validate(job: Job) -> tuple[dict, dict]:
+    """Validation loss (each process scores its share of the batches; the sums are added) and, with
+    train.eval_generate, generation metrics from process 0. Returns (results, the eval record)."""
+    from .eval import generation_metrics, loss_fields
+
+    tc, world = job.cfg.train, job.world
+    res = evaluate_loss(job.model, job.valid_batches[: tc.eval_batches][world.rank():: world.size()])
     if world.size() > 1:
         s, n = world.sum_scalars([res["loss_sum"], res["n_tokens"]])
-        from .evaluate import _ppl
-
-        res = {"loss_sum": s, "n_tokens": n, "loss": s / max(n, 1.0), "ppl": _ppl(s / max(n, 1.0))}
-    rec = {"step": step, "val_loss": res["loss"], "val_ppl": res["ppl"], "val_tokens": res["n_tokens"]}
-    line = f"step {step}: val loss {res['loss']:.4f} | val ppl {res['ppl']:.3f}"
+        res = loss_fields({"loss_sum": s, "n_tokens": n})
+    rec = {"step": job.state.step, "val_loss": res["loss"], "val_ppl": res["ppl"], "val_tokens": res["n_tokens"]}
     if tc.eval_generate:
-        from .evaluate import generation_metrics
-
-        gm = world.on_main(lambda: generation_metrics(model, tokenizer, valid_examples[: tc.eval_generate], max_tokens=128))
-        for k_, v in gm.items():
-            if isinstance(v, (int, float)):
-                rec[f"val_{k_}"] = v
-                res[k_] = v
-        line += " | " + " | ".join(f"{k_} {v:.4f}" for k_, v in gm.items() if isinstance(v, (int, float)) and k_ != "n_examples")
-    monitor.log(rec, line)
-    return res
+        examples = job.valid_examples[: tc.eval_generate]
+        gm = world.on_main(lambda: generation_metrics(job.model, job.tokenizer, examples, max_tokens=128))
+        numbers = {k: v for k, v in gm.items() if isinstance(v, (int, float))}
+        rec.update({f"val_{k}": v for k, v in numbers.items()})
+        res = {**res, **numbers}
+    return res, rec
 
 
-def _early_stopping(early: dict, res: dict, tc, step: int, run: RunDir, model, lora_meta: dict, world,
-                    adapters) -> bool:
+def _early_stopping(job: Job, res: dict) -> bool:
     """Track the best evaluation, keep its adapter in best/, and say whether patience ran out."""
+    tc, es, step = job.cfg.train, job.state.early_stopping, job.state.step
     name = tc.early_stopping_metric
     key = "loss" if name == "val_loss" else name.removeprefix("val_")
     if key not in res:
@@ -420,49 +391,60 @@ def _early_stopping(early: dict, res: dict, tc, step: int, run: RunDir, model, l
                           f"(val_loss always is; generation metrics need train.eval_generate > 0)")
     value = float(res[key])
     lower_is_better = key in ("loss", "ppl")
-    better = early["best"] is None or (value < early["best"] if lower_is_better else value > early["best"])
-    if better:
-        early.update(best=value, best_step=step, bad_evals=0)
-        def save_best() -> None:
-            adapters.save_adapter(model, run.best, **lora_meta)
-            write_json_atomic(run.best / "best.json", {"step": step, "metric": name, "value": value})
-
-        world.on_main(save_best)
+    if es.best is None or (value < es.best if lower_is_better else value > es.best):
+        es.best, es.best_step, es.bad_evals = value, step, 0
+        job.world.on_main(lambda: _write_best(job, {"step": step, "metric": name, "value": value}))
     else:
-        early["bad_evals"] += 1
-    return tc.early_stopping_patience is not None and early["bad_evals"] >= tc.early_stopping_patience
+        es.bad_evals += 1
+    return tc.early_stopping_patience is not None and es.bad_evals >= tc.early_stopping_patience
+
+
+def _write_best(job: Job, record: dict) -> None:
+    """best/: the adapter and best.json, swapped in as one directory."""
+    from .adapters import save_adapter
+
+    save_adapter(job.model, job.run.best, **job.lora_meta, replace=True, extra_files={"best.json": record})
+
+
+def _save(job: Job) -> Path:
+    """A checkpoint of the whole resume state; every process waits for process 0's write and raises if it failed."""
+    from .lora import adapter_weights
+
+    st = job.state
+    if not all_finite(adapter_weights(job.model).values()):  # never checkpoint inf/nan weights
+        raise nonfinite_error(st.step, "the update made the LoRA weights inf/nan although the loss and gradient "
+                               "were finite (train.learning_rate is far too large)", "", job.last_good())
+    now = time.perf_counter()
+    st.window.seconds += now - job.window_started
+    job.window_started = now
+    loss_sum, toks, seen = _window_sums(job)
+    saved = dataclasses.replace(st, window=Window(loss_sum, toks, int(seen), st.window.seconds))
+    identity = {**job.identity, "epoch": st.micro_index / len(job.stream.batches)}
+    path = job.world.on_main(lambda: save_checkpoint(job.run, saved, adapter_weights(job.model), job.optimizer.state,
+                                                     identity, job.cfg.train.keep_last))
+    job.saved_step = st.step
+    return path
 
 
 # --------------------------------------------------------------------------------------------------------------
-# CLI
+# Finish
 
 
-def register_cli(sub) -> None:
-    p = sub.add_parser(
-        "train",
-        help="fine-tune with LoRA from a YAML config",
-        description="Fine-tune with LoRA. Any config field can be overridden: --lora.rank 32 --train.learning_rate 2e-4",
-    )
-    p.add_argument("-c", "--config", required=True, help="YAML config (see configs/)")
-    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
-                   help="continue from the latest checkpoint in output_dir, or from PATH (a step dir or run dir)")
-    p.add_argument("--quiet", action="store_true", help="no per-step reports")
-    p.set_defaults(func=_cli_train, accepts_overrides=True)
+def _finish(job: Job, outcome: str, last_val: dict) -> TrainResult:
+    """The final adapter in the run dir, then on_train_end (loss.png); the other processes wait for process 0."""
+    from .adapters import save_adapter
 
+    job.model.eval()
+    st, es = job.state, job.state.early_stopping
+    metrics = {"step": st.step, **{f"val_{k}": v for k, v in last_val.items() if k in ("loss", "ppl")}}
+    best = ({"metric": job.cfg.train.early_stopping_metric, "value": es.best, "step": es.best_step}
+            if es.best is not None else None)
+    result = TrainResult(job.run.root, st.step, metrics, outcome == "interrupted", outcome == "early_stop", best)
 
-def _cli_train(args) -> int:
-    from .distributed import DistributedError, is_peer_lost, maybe_init
+    def final() -> None:
+        with disk_errors(job.run, job.last_good):
+            save_adapter(job.model, job.run.root, **job.lora_meta)
+            job.callbacks.on_train_end(result)
 
-    world = maybe_init()  # None unless started by mlx.launch (or mpirun) as one of several processes
-    try:
-        result = train(args.config, resume=args.resume, overrides=args.overrides, quiet=args.quiet, world=world)
-    except RuntimeError as e:
-        if world is None or not is_peer_lost(e):
-            raise
-        raise DistributedError(f"process {world.rank()}: {e} (another process failed or was killed; see its output)") from None
-    if world is None or world.rank() == 0:
-        print(f"run dir: {result.run_dir}")
-        print(f"adapter: {result.run_dir / 'adapters.safetensors'} (+ adapter_config.json)")
-        if result.metrics.get("val_loss") is not None:
-            print(f"final val loss {result.metrics['val_loss']:.4f} (ppl {result.metrics['val_ppl']:.3f})")
-    return 130 if result.interrupted else 0
+    job.world.on_main(final)  # mlx.launch stops every process once one exits non-zero
+    return result

@@ -136,7 +136,7 @@ def make_bpe_model_dir(out: Path, texts: list[str], vocab_size: int = 512) -> Pa
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from mlxtune.loading import save_model
+    from mlxtune.saving import save_model
     from mlxtune.model import Model, ModelArgs
 
     bpe = Tokenizer(models.BPE())

@@ -22,8 +22,10 @@ CHATML = (
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def make_byte_tokenizer(out: Path) -> Path:
-    """A byte-level BPE tokenizer (ids 0-255 = bytes, then the specials) saved as a HF tokenizer dir."""
+def make_byte_tokenizer(out: Path, pad_token: str = "<|endoftext|>") -> Path:
+    """A byte-level BPE tokenizer (ids 0-255 = bytes, then the specials) saved as a HF tokenizer dir.
+
+    `pad_token="<|im_end|>"` makes padding the end-of-turn token, as many chat models ship."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -43,7 +45,7 @@ def make_byte_tokenizer(out: Path) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(SPECIALS)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token=pad_token,
                                    bos_token=None, unk_token=None)
     fast.chat_template = CHATML
     out.mkdir(parents=True, exist_ok=True)
@@ -52,15 +54,16 @@ def make_byte_tokenizer(out: Path) -> Path:
 
 
 def make_small_model_dir(out: Path, *, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                         intermediate: int = 64, seed: int = 0, model_type: str = "llama") -> Path:
+                         intermediate: int = 64, seed: int = 0, model_type: str = "llama",
+                         pad_token: str = "<|endoftext|>") -> Path:
     """A random float32 Llama/Qwen2 dir (config.json, model.safetensors, the byte tokenizer) for fast CLI runs."""
     import mlx.core as mx
     from transformers import AutoTokenizer
 
-    from mlxtune.loading import save_model
+    from mlxtune.saving import save_model
     from mlxtune.model import Model, ModelArgs
 
-    tok_dir = make_byte_tokenizer(out.parent / f".{out.name}-tokenizer")
+    tok_dir = make_byte_tokenizer(out.parent / f".{out.name}-tokenizer", pad_token)
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     mx.random.seed(seed)
     args = ModelArgs(model_type=model_type, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,

@@ -271,7 +271,7 @@ def _(t): os.symlink(t.tmp / "gone", t.tmp / "link"); return t.train({"model.pat
 def _(t): m = t.model_copy(); (m / "config.json").unlink(); return t.train({"model.path": str(m)})
 @case("model-config-json-is-a-directory", "model: no config.json")
 def _(t): m = t.model_copy(); (m / "config.json").unlink(); (m / "config.json").mkdir(); return t.train({"model.path": str(m)})
-@case("model-config-not-json", "config.json: not valid JSON")
+@case("model-config-not-json", "config.json:1: not valid JSON")
 def _(t): m = t.model_copy(); (m / "config.json").write_text("{hidden_size: 32"); return t.train({"model.path": str(m)})
 @case("model-config-a-list", "config.json: expected a JSON object")
 def _(t): m = t.model_copy(); (m / "config.json").write_text("[1, 2]"); return t.train({"model.path": str(m)})
@@ -426,7 +426,7 @@ def _(t):
     return ["data", "convert", str(f), "--out", str(t.tmp / "out" / "converted.jsonl")]
 @case("estimate-missing-model", "does not exist")
 def _(t): return ["estimate", "-c", str(t.config({"model.path": str(t.tmp / "nope")}))]
-@case("estimate-bad-target", "lora.targets: 'gatee_proj' matched no linear layer", 'did you mean "gate_proj"')
+@case("estimate-bad-target", "lora.targets: 'gatee_proj'", 'did you mean "gate_proj"', "matched no linear layer")
 def _(t): return ["estimate", "-c", str(t.config({"lora.targets": ["gatee_proj"]}))]
 @case("download-local-path", "already a local path")
 def _(t): return ["download", "model", str(t.model)]

@@ -259,7 +259,7 @@ def test_killed_two_process_run_resumes_with_one(tmp_path, assets, refs):
     assert state["world_size"] == 1 and state["micro_index"] == 16
     assert json.loads((run / "checkpoints" / "step_000002" / "state.json").read_text())["world_size"] == 2
     _assert_adapters_close(run / "adapters.safetensors", refs["k4"] / "adapters.safetensors")
-    _assert_same_curves(run, refs["k4"], keys=("train_loss", "grad_norm", "lr", "val_loss"))  # trained_tokens restarts
+    _assert_same_curves(run, refs["k4"])  # trained_tokens too: the resume state carries it and the report window
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ during a save, and a NaN/inf loss.
 Invariants: after every kill each `checkpoints/step_*` dir loads with `checkpoint.load_checkpoint` (a checkpoint
 is complete or absent), and after the last resume the adapters equal an uninterrupted run's bitwise, with the
 same losses. Kills land mid-write because the test (never the library) runs the trainer through a small launcher
-that makes each checkpoint file write and fsync sleep a little, and kills when a `.tmp-step_*` dir appears.
+that makes each checkpoint file write and fsync sleep a little, and kills when a checkpoint's temp dir
+(`.step_NNNNNN.tmp-PID-RAND`, fsio.atomic_dir) appears.
 """
 
 from __future__ import annotations
@@ -32,22 +33,23 @@ from reliability_helpers import ROOT, alpaca_lines, make_small_model_dir, run_co
 ROUNDS = int(os.environ.get("MLXTUNE_FAULT_ROUNDS", "3"))
 SEED = int(os.environ.get("MLXTUNE_FAULT_SEED", "0"))
 STEP_RE = re.compile(r"^step_\d+$")
+TEMP_RE = re.compile(r"^\.step_(\d+)\.tmp-(\d+)-")  # a checkpoint being written (fsio.atomic_dir's temp dir)
 
 # The child process: the real CLI, with checkpoint writes slowed down (test-side monkeypatching only) so that a
 # kill can land between the files of a checkpoint, before its rename.
 SLOW_WRITES = """
-import sys, time
+import re, sys, time
 import mlx.core as mx
-import mlxtune.checkpoint as ck
-_save, _fsync = mx.save_safetensors, ck._fsync_file
+import mlxtune.fsio as fsio
+_save, _fsync = mx.save_safetensors, fsio.fsync_file
 def save(path, *a, **k):
     _save(path, *a, **k)
-    if ".tmp-step_" in str(path):
+    if re.search(r"/\\.step_\\d+\\.tmp-", str(path)):
         time.sleep({delay})
 def fsync(path):
     _fsync(path)
     time.sleep({delay})
-mx.save_safetensors, ck._fsync_file = save, fsync
+mx.save_safetensors, fsio.fsync_file = save, fsync
 from mlxtune.cli import main
 sys.argv = ["mlxtune"] + sys.argv[1:]
 main()
@@ -112,8 +114,9 @@ def _check_all_checkpoints_load(run: Path, expected: dict) -> list[int]:
 
 
 def _tmp_dirs(run: Path) -> list[str]:
+    """Hidden entries of checkpoints/: temps of unfinished writes (fsio's `.NAME.tmp-*`, `.NAME.old-*`)."""
     cps = run / "checkpoints"
-    return sorted(p.name for p in cps.iterdir() if p.name.startswith(".tmp-")) if cps.is_dir() else []
+    return sorted(p.name for p in cps.iterdir() if p.name.startswith(".")) if cps.is_dir() else []
 
 
 @pytest.fixture(scope="module")
@@ -159,9 +162,9 @@ def _kill_round(p: subprocess.Popen, run: Path, mode: str, rng: random.Random, m
     while time.time() < deadline:
         if p.poll() is not None:
             return {"finished": True}
-        if mode == "write":  # temp dirs are named .tmp-step_NNNNNN-<pid>: ignore those a killed process left
-            names = [n for n in (os.listdir(cps) if cps.is_dir() else []) if n.startswith(".tmp-step_") and n.endswith(f"-{p.pid}")]
-            hit = [n for n in names if int(n.split("_")[1].split("-")[0]) >= min_step]
+        if mode == "write":  # temp dirs are named .step_NNNNNN.tmp-<pid>-RAND: ignore those a killed process left
+            temps = [TEMP_RE.match(n) for n in (os.listdir(cps) if cps.is_dir() else [])]
+            hit = [m for m in temps if m and int(m[2]) == p.pid and int(m[1]) >= min_step]
             if hit:
                 time.sleep(rng.uniform(0, 2 * WRITE_DELAY))  # well inside the slowed write (>= 5 x WRITE_DELAY)
                 break
@@ -241,7 +244,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(setup, reference,
     real = mx.save_safetensors
 
     def full_disk(path, arrays, *a, **k):
-        if ".tmp-step_000003" in str(path):
+        if "/.step_000003.tmp-" in str(path):
             Path(path).write_bytes(b"\0" * 8)  # a partial file, then the failure
             raise RuntimeError("[write] Unable to write 8 bytes to file.")
         return real(path, arrays, *a, **k)

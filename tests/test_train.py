@@ -433,7 +433,7 @@ def test_continue_training_from_imported_peft_adapter(tmp_path, tiny_llama_dir, 
     With a vanishing learning rate the result is the imported adapter; the run's config records its shape."""
     import mlxtune.trainer as trainer
     from mlxtune.config import load_config
-    from mlxtune.export import export
+    from mlxtune.exports import export
 
     full_run, _ = uninterrupted
     peft_dir = export(full_run, "peft", tmp_path / "peft")
