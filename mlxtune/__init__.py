@@ -37,6 +37,7 @@ _API = {
     "generate": "mlxtune.generation",
     "chat": "mlxtune.chat_repl",
     "export": "mlxtune.exports",
+    "push": "mlxtune.publish",
     "MlxtuneError": "mlxtune.errors",
 }
 
@@ -52,6 +53,3 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return __all__
 
-
-def _callable_module(module_name: str, func_name: str) -> None:  # TEMPORARY during the #14 refactor; removed at the end
-    return None

@@ -36,6 +36,8 @@ TARGET_ALIASES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "g
 "Short names a config may use: `targets: [q, k, v, o, gate, up, down]`."
 EXPORT_FORMATS = ("hf", "peft", "mlx-lm", "gguf")
 "What `mlxtune export --format` writes."
+GGUF_OUTTYPES = ("f16", "q8_0")
+"Weight types `mlxtune export --format gguf --outtype` writes: float16, or llama.cpp's 8-bit Q8_0."
 SCHEDULES = ("cosine", "linear", "constant")
 MEMORY_GUARD_MODES = ("warn", "refuse", "off")
 TRACKERS = ("tensorboard", "wandb")

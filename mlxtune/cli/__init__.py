@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "mlxtune.cli.export",  # fuse, export
     "mlxtune.cli.data",  # data inspect|convert
     "mlxtune.cli.tools",  # estimate, doctor, download
+    "mlxtune.cli.push",  # push
 )
 
 
