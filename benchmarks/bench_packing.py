@@ -46,7 +46,7 @@ import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mlxtune.batching import Batch, attention_weight, make_batches, padding_fraction  # noqa: E402
+from mlxtune.data import Batch, attention_weight, make_batches, padding_fraction  # noqa: E402
 from mlxtune.config import DataConfig  # noqa: E402
 from mlxtune.data import Example, load_splits  # noqa: E402
 from mlxtune.lora import apply_lora  # noqa: E402

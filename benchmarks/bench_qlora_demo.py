@@ -66,7 +66,8 @@ def run_variant(name: str, args) -> dict:
     from mlx.utils import tree_flatten
 
     import mlxtune
-    from mlxtune import batching, loading
+    from mlxtune import data as batching, loading
+    from mlxtune.tokenizer import pad_id as tokenizer_pad_id
     from mlxtune.data import load_splits
     from mlxtune.trainer import evaluate_loss
 
@@ -81,7 +82,7 @@ def run_variant(name: str, args) -> dict:
     weights_gb = sum(v.nbytes for _, v in tree_flatten(model.parameters())) / 1e9
     # The trainer's batches, built as trainer.train builds them.
     splits = load_splits(dc, tok, tc.seed)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad_id = tokenizer_pad_id(tok)
     aw = batching.attention_weight(model.args)
     train_b = batching.make_batches(splits.train, tc.batch_size, dc.max_length, dc.packing, pad_id, attention_weight=aw)
     valid_b = batching.make_batches(splits.valid, tc.batch_size, dc.max_length, dc.packing, pad_id, attention_weight=aw)

@@ -221,7 +221,7 @@ def recipe_row(impl: str, cfg: dict, lengths: list[int], max_len: int, ckpt: boo
     rng = np.random.default_rng(0)
     lengths = [min(l, max_len) for l in lengths]
     if impl == "mlxtune":
-        from mlxtune.batching import make_batches
+        from mlxtune.data import make_batches
         from mlxtune.data import Example
 
         exs = [Example(ids=list(rng.integers(0, cfg["vocab_size"], l)), mask=[0] + [1] * (l - 1)) for l in lengths]
