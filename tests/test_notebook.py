@@ -21,7 +21,7 @@ KERNEL = "mlxtune-test-python"
 # Appended to the notebook for the test only: the numbers the assertions need, as one JSON line.
 PROBE = """import json as _json
 print("QUICKSTART_PROBE " + _json.dumps({"before": before, "after": after, "steps": result.steps,
-      "answers": [before_answer, after_answer, fused_answer]}))"""
+      "answers": [before_answer, after_answer, fused_answer], "callback_losses": log.losses}))"""
 
 
 def _kernelspec(root: Path) -> Path:
@@ -97,4 +97,8 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch, smollm2_gguf, alpaca_se
     # everything it wrote is under the working dir given to it
     run = work / "runs" / "quickstart" / "run"
     assert (run / "adapters.safetensors").is_file() and (run / "metrics.jsonl").is_file()
+    # the notebook's callback saw every training record metrics.jsonl holds, with the same values
+    logged = {str(r["step"]): r["train_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if "train_loss" in r}
+    assert probe["callback_losses"] == logged and logged
     assert (work / "runs" / "quickstart" / "fused" / "config.json").is_file()
