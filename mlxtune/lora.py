@@ -238,8 +238,11 @@ def apply_lora(
     if not 0 <= dropout < 1:
         raise ConfigError(f"lora.dropout must be in [0, 1), got {dropout}")
     wrapped = plan_lora(model, targets, layers)
-    model.freeze()
     modules = dict(model.named_modules())
+    width = min((min(linear_dims(modules[p])) for p in wrapped), default=rank)
+    if rank > width:  # the update of a layer d wide has rank at most d: a larger r only costs memory
+        raise ConfigError(f"lora.rank: {rank} is more than the narrowest adapted layer's width ({width}); use at most {width}")
+    model.freeze()
     updates = [(p, LoRALinear.from_base(modules[p], rank=rank, alpha=alpha, dropout=dropout)) for p in wrapped]
     model.update_modules(tree_unflatten(updates))
     inner = getattr(model, "model", None)
