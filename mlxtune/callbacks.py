@@ -5,7 +5,8 @@ The loop (trainer.py) holds no logging code: it builds a record and hands it to 
     on_train_begin(info)   once, before the first step: a `RunInfo` (run dir, schedule, resolved config)
     on_log(record)         a training report every train.log_every steps (and at the last step), and the
                            events that end a run early: {"step": 5, "event": "early_stop" | "interrupted", ...}
-    on_eval(record)        a validation result: {"step", "val_loss", "val_ppl", "val_tokens", "val_<metric>"...}
+    on_eval(record)        a validation result: {"step", "val_loss", "val_ppl", "val_tokens", "val_<metric>"...};
+                           a fresh run with validation data starts with step 0 (the base model, before any update)
     on_save(step, path)    a checkpoint landed in `path` (checkpoints/step_NNNNNN)
     on_train_end(result)   once, after the final adapter is written: the trainer's TrainResult
 
@@ -15,7 +16,8 @@ and trained_tokens (target tokens), peak_memory_gb and rss_gb. In a data-paralle
 callbacks; the numbers are already summed over the processes.
 
 Built-ins, always on process 0: `MetricsWriter` (metrics.jsonl; on resume the records after the checkpoint's step
-are dropped, they are produced again), `LossPlot` (loss.png at the end) and, unless quiet, `ConsoleProgress`
+are dropped, they are produced again), `LossPlot` (loss.png at the end: raw and smoothed
+training loss, validation from the base model's step-0 record on) and, unless quiet, `ConsoleProgress`
 (one line per report and evaluation with an ETA; a tqdm bar on an interactive terminal). Trackers (W&B,
 TensorBoard) subclass `Callback` and are passed as `train(config, callbacks=[...])`; `info.request_stop()` asks
 the trainer to stop as Ctrl-C does (`StopFlag`): finish the step, write a checkpoint, return with `interrupted=True`.
@@ -28,9 +30,10 @@ import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import mlx.core as mx
 
@@ -110,31 +113,71 @@ class CallbackList(Callback):
             cb.on_train_end(result)
 
 
+class Stopped(KeyboardInterrupt):
+    """A signal that ends the process at once (a second Ctrl-C / SIGTERM / SIGHUP, or one before training
+    started); `exit_code` is 128 + the signal number, as a shell reports it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.exit_code = 128 + int(signum)
+
+
+def _stop_signals() -> list:
+    """SIGINT, SIGTERM and SIGHUP where the platform has them (Windows has no SIGHUP)."""
+    return [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)]
+
+
+@contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """Within: SIGTERM and SIGHUP raise `Stopped` as Ctrl-C raises KeyboardInterrupt, so that `finally` blocks and
+    the atomic writers' cleanup run (the default action would kill the process mid-write). Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Stopped(signum)
+
+    prev = {sig: signal.signal(sig, handler) for sig in _stop_signals() if sig != signal.SIGINT}
+    try:
+        yield
+    finally:
+        for sig, old in prev.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
 class StopFlag:
-    """First Ctrl-C (or a callback's request_stop): finish the current step, checkpoint, exit cleanly. Second
-    Ctrl-C: stop at once."""
+    """Ctrl-C, SIGTERM and SIGHUP alike. While `graceful` (the training loop): the first one (or a callback's
+    request_stop) finishes the current step, writes a checkpoint and ends the run (exit 128 + the signal: 130,
+    143, 129); a second one raises `Stopped` at once (checkpoints are atomic dir swaps: nothing is corrupted).
+    Before the loop (loading, checks) the first one raises `Stopped` at once."""
 
     def __init__(self):
         self.stop = False
-        self._prev = None
+        self.signum: Optional[int] = None
+        self.graceful = False
+        self._prev: dict = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._prev = signal.signal(signal.SIGINT, self._handler)
+            for sig in _stop_signals():
+                self._prev[sig] = signal.signal(sig, self._handler)
         return self
 
     def request(self) -> None:
         self.stop = True
 
     def _handler(self, signum, frame):
-        if self.stop:
-            raise KeyboardInterrupt
-        self.stop = True
-        print("\ninterrupt: finishing this step, writing a checkpoint (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+        if self.signum is not None or not self.graceful:
+            raise Stopped(signum)
+        self.stop, self.signum = True, signum
+        name = signal.Signals(signum).name
+        print(f"\ninterrupt ({name}): finishing this step, writing a checkpoint (signal again to abort)",
+              file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
-        if self._prev is not None:
-            signal.signal(signal.SIGINT, self._prev)
+        for sig, prev in self._prev.items():
+            signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
 
 
 def peak_memory_gb() -> float:
@@ -196,20 +239,48 @@ class LossPlot(Callback):
         plot_loss(self.metrics, self.out)
 
 
-def plot_loss(metrics_path: Path, out: Path) -> Optional[Path]:
-    """loss.png: training loss per report and validation loss per evaluation; None when there is nothing to plot."""
-    if not metrics_path.is_file():
-        return None
+def smooth(values: Sequence[float], half_window: Optional[int] = None) -> list[float]:
+    """A centered moving average: point i is the mean of values[i-h : i+h+1], the window cut at both ends (so
+    the curve neither lags like an EMA nor bends towards a padding value). h defaults to len(values) // 20
+    (at least 1): a window of about a tenth of the run."""
+    n = len(values)
+    h = smoothing_half_window(n) if half_window is None else max(0, int(half_window))
+    total = [0.0]
+    for v in values:
+        total.append(total[-1] + float(v))
+    return [(total[min(n, i + h + 1)] - total[max(0, i - h)]) / (min(n, i + h + 1) - max(0, i - h)) for i in range(n)]
+
+
+def smoothing_half_window(n: int) -> int:
+    """The moving average's half width for `n` reports: n // 20, at least 1."""
+    return max(1, n // 20)
+
+
+def read_curves(metrics_path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(step, train_loss) per training report and (step, val_loss) per validation, from metrics.jsonl (a line
+    torn by a kill is skipped)."""
     train, val = [], []
-    for line in metrics_path.read_text().splitlines():
+    for line in Path(metrics_path).read_text().splitlines():
         try:
             r = json.loads(line)
         except json.JSONDecodeError:
+            continue
+        if not isinstance(r, dict) or not isinstance(r.get("step"), int):
             continue
         if "train_loss" in r:
             train.append((r["step"], r["train_loss"]))
         if "val_loss" in r:
             val.append((r["step"], r["val_loss"]))
+    return train, val
+
+
+def plot_loss(metrics_path: Path, out: Path) -> Optional[Path]:
+    """loss.png: the training loss per report (faint) with its centered moving average (`smooth`) over it, and the
+    validation loss per evaluation, its step-0 point (the base model, before any update) marked and labelled, and
+    a dotted line at the base's level; None when there is nothing to plot."""
+    if not Path(metrics_path).is_file():
+        return None
+    train, val = read_curves(metrics_path)
     if not train and not val:
         return None
     # A standalone Figure (no pyplot): never switches the process's backend, so inline plots in a notebook survive.
@@ -218,13 +289,24 @@ def plot_loss(metrics_path: Path, out: Path) -> Optional[Path]:
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
     if train:
-        ax.plot(*zip(*train), label="train")
+        steps, losses = zip(*train)
+        raw = ax.plot(steps, losses, lw=1, alpha=0.35, label="train (per report)")[0]
+        if len(train) >= 3:
+            h = smoothing_half_window(len(train))
+            ax.plot(steps, smooth(losses, h), lw=2, color=raw.get_color(),
+                    label=f"train (centered moving average of {2 * h + 1} reports)")
     if val:
-        ax.plot(*zip(*val), "o-", label="validation")
+        ax.plot(*zip(*val), "o-", color="tab:orange", label="validation")
+        base = [v for s, v in val if s == 0]
+        if base:
+            ax.axhline(base[0], ls=":", lw=1, color="tab:orange", alpha=0.7)
+            ax.plot([0], base, "*", ms=14, color="tab:red", label=f"base model (step 0): {base[0]:.4f}", zorder=3)
+        if base or len(val) > 1:
+            ax.annotate(f"{val[-1][1]:.4f}", val[-1], textcoords="offset points", xytext=(4, 6), fontsize=8)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     with fsio.atomic_file(out, overwrite=True) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -274,7 +356,8 @@ class ConsoleProgress(Callback):
         self._advance(step)
 
     def on_eval(self, record: dict) -> None:
-        line = f"step {record['step']}: val loss {record['val_loss']:.4f} | val ppl {record['val_ppl']:.3f}"
+        where = "step 0 (the base model, before training)" if record["step"] == 0 else f"step {record['step']}"
+        line = f"{where}: val loss {record['val_loss']:.4f} | val ppl {record['val_ppl']:.3f}"
         extra = [f"{k[4:]} {v:.4f}" for k, v in record.items()
                  if k.startswith("val_") and k not in ("val_loss", "val_ppl", "val_tokens", "val_n_examples")]
         self._print(line + "".join(" | " + e for e in extra))

@@ -45,7 +45,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import fsio
-from .errors import CheckpointError, MlxtuneError
+from .adapters import check_finite
+from .errors import CheckpointError, DiskError
 
 FORMAT_VERSION = 2  # 2: the whole ResumeState (grad_accumulation, report window); 1 is still read
 STEP_RE = re.compile(r"^step_(\d{6,})$")
@@ -313,6 +314,7 @@ def load_checkpoint(path: Path, expected: dict) -> tuple[dict, dict, dict]:
         opt_flat = mx.load(str(path / "optimizer.safetensors"))
     except Exception as e:  # unreadable files: never resume from a damaged checkpoint
         raise CheckpointError(f"{path}: checkpoint is unreadable ({e}); resume from an earlier one with --resume PATH") from None
+    check_finite(adapter, path / "adapters.safetensors")  # NaN/inf: never resumed from, never "the last good one"
     problems = []
     if state.get("format_version") not in (1, FORMAT_VERSION):
         problems.append(f"format_version {state.get('format_version')} (expected {FORMAT_VERSION})")
@@ -366,15 +368,16 @@ def resolve_resume(run: RunDir, resume: Any) -> Optional[Path]:
 
 @contextmanager
 def disk_errors(run: RunDir, good: Callable[[], Optional[Path]]):
-    """A full disk outside save_checkpoint (metrics, best/, the final adapter, loss.png) → one line, not a traceback."""
+    """Any OSError while a run works (full disk, read-only or vanished dir, a file where a dir belongs), or MLX's
+    writer failing, outside save_checkpoint → one DiskError naming the path and the fix, not a traceback."""
     try:
         yield
     except (OSError, RuntimeError) as e:
-        if not fsio.is_disk_full(e):
+        if isinstance(e, RuntimeError) and not fsio.is_disk_full(e):
             raise
+        last = good()
+        then = (f"then continue with --resume (last checkpoint: {last})" if last else
+                "then start the run again (no checkpoint was written)")
         if isinstance(e, OSError):
-            where = e.filename or run.root
-            raise MlxtuneError(f"{where}: {e.strerror} while writing the run; free some space, then continue with "
-                               f"--resume (last checkpoint: {good() or 'none'})") from None
-        raise MlxtuneError(f"{run.root}: could not write ({e}); is the disk full? free some space, then continue with "
-                           f"--resume (last checkpoint: {good() or 'none'})") from None
+            raise DiskError(f"{fsio.describe_os_error(e, run.root, 'writing the run')}; {then}") from None
+        raise DiskError(f"{run.root}: could not write ({e}); is the disk full? free some space, {then}") from None

@@ -86,6 +86,32 @@ def is_disk_full(exc: BaseException) -> bool:
     return False
 
 
+def describe_os_error(exc: BaseException, path: PathLike, doing: str = "writing") -> str:
+    """One line for a failed file-system call: the path (the error's own, else `path`), what happened, the fix.
+    Full disk, read-only or unwritable place, missing parent, a file where a dir belongs — recognised by the
+    exception class or by errno name, never by number."""
+    where = Path(getattr(exc, "filename", None) or path)
+    for p in (where, *where.parents):  # a hidden temp names the target it stands for
+        m = _HIDDEN.match(p.name)
+        if m:
+            where = p.parent / m["name"]
+            break
+    where = short_path(where)
+    why = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    code = getattr(exc, "errno", None)
+    if is_disk_full(exc):
+        fix = "free some space"
+    elif isinstance(exc, PermissionError) or code == getattr(errno, "EROFS", None):
+        fix = "the place is read-only or not yours: choose a writable path"
+    elif isinstance(exc, FileNotFoundError):
+        fix = "a directory on the way is missing (or a symlink points nowhere): create it or choose another path"
+    elif isinstance(exc, (NotADirectoryError, FileExistsError, IsADirectoryError)):
+        fix = "a file stands where a directory belongs (or the reverse): choose another path"
+    else:
+        fix = "check the path and the disk"
+    return f"{where}: {why} while {doing}; {fix}"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Names and removal
 
@@ -109,7 +135,8 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (os.kill(pid, 0); own pid: yes; Windows: assumed yes)."""
     if pid == os.getpid():
         return True
     if os.name == "nt":  # os.kill(pid, 0) would terminate the process there: assume alive, remove nothing
@@ -120,7 +147,12 @@ def _pid_alive(pid: int) -> bool:
         return False
     except OSError:  # EPERM: alive, someone else's
         return True
-    return True
+    try:  # a killed process whose parent has not reaped it yet (a zombie) still answers os.kill: it is dead
+        import psutil
+
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except Exception:  # NoSuchProcess: gone meanwhile; AccessDenied or no psutil: trust os.kill
+        return not isinstance(sys.exc_info()[1], getattr(sys.modules.get("psutil"), "NoSuchProcess", ()))
 
 
 def _fsync_tree(root: Path) -> None:
@@ -137,6 +169,67 @@ def _check_free(path: Path) -> None:
     if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
         return
     raise OutputExistsError(f"{path}: already exists; choose another path, or pass overwrite=True (--force) to replace it")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The one rule for every --out
+
+
+def short_path(path: Any, n: int = 60) -> str:
+    """A user path for a one-line message, cut to `n` characters (keeping the end, where the name is)."""
+    s = os.fspath(path)
+    return s if len(s) <= n else "..." + s[-(n - 3):]
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def check_output(out: Optional[PathLike], *, inputs: Any = (), force: bool = False, kind: str = "--out") -> Path:
+    """The one rule for every output path (`fuse`, `export`, `eval`, `data convert` --out): returns it resolved.
+
+    Never replaces an existing file, symlink or non-empty dir unless `force` (OutputExistsError); never writes
+    onto or inside an input, nor (since `force` would delete it) over a dir holding an input; an empty path, a
+    parent that is a file, or an input given as None is handled. `inputs`: paths read by the command (files or
+    dirs; None and "" are skipped). `kind` names the option in the one-line error (`--out`, `output_dir`).
+    Temps that a killed writer left beside `out` are cleaned first (`recover`).
+    """
+    if out is None or not os.fspath(out).strip():
+        raise MlxtuneError(f"{kind}: empty path; name a new file or directory")
+    raw = Path(os.fspath(out)).expanduser()
+    where = f"{kind} {short_path(raw)}"
+    target = raw.resolve()  # follows symlinks: a link to a model dir is the model dir
+    for inp in inputs or ():
+        if inp is None or not os.fspath(inp).strip():
+            continue
+        src = Path(os.fspath(inp)).expanduser().resolve()
+        if _inside(target, src):
+            what = "is" if target == src else "is inside"
+            raise MlxtuneError(f"{where}: {what} the input {short_path(src)}; write the output somewhere else")
+        if _inside(src, target):
+            raise MlxtuneError(f"{where}: holds the input {short_path(src)}, which replacing it would delete; "
+                               "write the output somewhere else")
+    try:  # what a killed writer left beside `out`: its temps removed, a copy lost mid-swap put back
+        recover(target)
+    except OSError:
+        pass  # a read-only place: the write itself will say so
+    if raw.is_symlink() and not raw.exists():
+        if not force:
+            raise OutputExistsError(f"{where}: is a dangling symlink; remove it, choose another path, or pass "
+                                    "--force to replace it")
+        return target
+    ancestor = target
+    while not ancestor.exists() and ancestor.parent != ancestor:
+        ancestor = ancestor.parent
+    if ancestor != target and not ancestor.is_dir():
+        raise MlxtuneError(f"{where}: {short_path(ancestor)} is a file, not a directory; choose another path")
+    if target.exists() and not force:
+        if target.is_dir() and not any(target.iterdir()):
+            return target
+        what = "a directory that is not empty" if target.is_dir() else "an existing file"
+        raise OutputExistsError(f"{where}: already exists ({what}); choose another path, or pass --force to "
+                                "replace it")
+    return target
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -282,7 +375,7 @@ def recover(path: PathLike) -> bool:
         if not m or m["name"] != path.name:
             continue
         pid = int(m["pid"])
-        if pid != os.getpid() and _pid_alive(pid):
+        if pid != os.getpid() and pid_alive(pid):
             continue  # another live process is mid-write: not ours to touch
         (olds if m["kind"] == "old" else temps).append(p)
     if olds and not _exists(path):
@@ -309,7 +402,7 @@ def clean_temps(directory: PathLike) -> list[Path]:
     removed = []
     for p in sorted(d.iterdir()):
         m = _HIDDEN.match(p.name)
-        if not m or _pid_alive(int(m["pid"])):
+        if not m or pid_alive(int(m["pid"])):
             continue
         if m["kind"] == "old":
             if not _exists(d / m["name"]):

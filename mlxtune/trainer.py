@@ -1,20 +1,16 @@
 """The training loop in three phases: `prepare` → `_loop` → `_finish`.
 
-    prepare   config → model → LoRA → data → memory guard → resume state (a fresh one, or a checkpoint's,
-              checked against this run) → the compiled step; everything the user can get wrong is checked
-              before the run dir is written
+    prepare   config → the run dir checked and locked (ownership.py) → model → LoRA → data → memory guard →
+              resume state (fresh, or a checkpoint's checked against this run) → the compiled step; nothing is
+              written before all of it passed
     _loop     one optimizer step at a time: run its micro-batches, report, validate, checkpoint, stop
     _finish   the final adapter, then the callbacks' on_train_end (loss.png)
 
-The loop walks a global stream of micro-batches (`MicroBatches`): micro-batch j is batch
-`epoch_order(epoch = j // n)[j % n]`, and optimizer step s consumes micro-batches [s*k, (s+1)*k)
-(k = grad_accumulation). The RNG is re-seeded from (seed, j) before every micro-batch, so the `ResumeState`
-saved whole in every checkpoint (checkpoint.py: step, cursor, schedule, report window, trained tokens,
-early stopping) is all a resumed run needs to continue bit for bit. With data parallelism (distributed.py),
-process r of W runs the micro-batches of each step whose index ≡ r (mod W); counts and gradients are summed
-before the update, so the update does not depend on W.
-
-Reporting goes through callbacks (callbacks.py): the loop builds records and calls them; only process 0 has any.
+Micro-batch j is batch `epoch_order(j // n)[j % n]`; optimizer step s consumes micro-batches [s*k, (s+1)*k)
+(k = grad_accumulation); the RNG is re-seeded from (seed, j) before each, so the `ResumeState` saved whole in
+every checkpoint (checkpoint.py) is all a resumed run needs to continue bit for bit. With data parallelism
+(distributed.py), process r of W runs the micro-batches of a step whose index ≡ r (mod W); counts and gradients
+are summed before the update, which does not depend on W. Reports go to callbacks (callbacks.py), on process 0.
 """
 
 from __future__ import annotations
@@ -31,9 +27,10 @@ import mlx.core as mx
 
 from .callbacks import Callback, CallbackList, RunInfo, StopFlag, default_callbacks, peak_memory_gb, rss_gb
 from .checkpoint import (ResumeState, RunDir, Window, abandon_newer, check_resume, data_hash, disk_errors,
-                         latest_checkpoint, load_checkpoint, recover_run, resolve_resume, save_checkpoint)
+                         load_checkpoint, save_checkpoint)
 from .config import Config, load_config
-from .errors import CheckpointError, ConfigError, MlxtuneError
+from .errors import ConfigError, MlxtuneError
+from .ownership import already_finished, claim_run_dir, start_run_dir
 from .step import MicroBatches, TrainStep, all_finite, make_optimizer, memory_limit, micro_seed, nonfinite_error
 
 
@@ -45,6 +42,8 @@ class TrainResult:
     interrupted: bool = False
     stopped_early: bool = False
     best: Optional[dict] = None
+    already_finished: bool = False  # --resume on a run at the end of its schedule: nothing was done
+    stop_signal: Optional[int] = None  # the signal (SIGINT, SIGTERM, SIGHUP) that interrupted the run
 
 
 def evaluate_loss(model, batches) -> dict:
@@ -55,25 +54,33 @@ def evaluate_loss(model, batches) -> dict:
 
 
 def train(config: Union[str, Path, dict, Config, None] = None, *, resume: Union[bool, str, None] = None,
-          overrides: Optional[list[str]] = None, quiet: bool = False, world=None,
+          overwrite: bool = False, overrides: Optional[list[str]] = None, quiet: bool = False, world=None,
           callbacks: Optional[Sequence[Callback]] = None, report_to: Optional[Sequence[str]] = None,
           **kwargs: Any) -> TrainResult:
     """Fine-tune with LoRA as `config` says; returns the run dir and final metrics.
 
     `config`: a YAML path, dict or Config; `overrides`: CLI-style `["--lora.rank", "32"]`; kwargs: sections as dicts
     (`train={"max_steps": 10}`) or dotted names (`**{"train.max_steps": 10}`). `resume=True` continues from the
-    latest checkpoint in output_dir, `resume=PATH` from that checkpoint / run dir. `callbacks`: reporters run
-    after the built-in ones (callbacks.py); `report_to`: trackers, as train.report_to (["tensorboard", "wandb"]).
-    `world`: a distributed.World when launched as several processes.
+    latest checkpoint in output_dir, `resume=PATH` from that checkpoint / run dir; `overwrite=True` replaces the run's
+    results (ownership.py). `callbacks`: reporters after the built-in ones (callbacks.py); `report_to`: trackers, as
+    train.report_to. `world`: a distributed.World when launched as several processes.
     """
     if report_to is not None:
         kwargs["train.report_to"] = [report_to] if isinstance(report_to, str) else list(report_to)
-    job = prepare(config, resume=resume, overrides=overrides, quiet=quiet, world=world, callbacks=callbacks, **kwargs)
-    with StopFlag() as flag, disk_errors(job.run, job.last_good), memory_limit(job.cfg.train.memory_limit_gb):
-        job.world.on_main(lambda: _start_run_dir(job, flag))
-        mx.reset_peak_memory()  # report training memory, not the transients of loading and converting the model
-        outcome, last_val = _loop(job, flag)
-    return _finish(job, outcome, last_val)
+    with StopFlag() as flag:  # a signal before the loop stops at once
+        job = prepare(config, resume=resume, overwrite=overwrite, overrides=overrides, quiet=quiet, world=world,
+                      callbacks=callbacks, **kwargs)
+        try:  # the run dir's lock is released on every path
+            if job.world.on_main(lambda: already_finished(job.run, job.resume_path, job.state)):
+                return TrainResult(job.run.root, job.state.step, {"step": job.state.step}, already_finished=True)
+            flag.graceful = True
+            with disk_errors(job.run, job.last_good), memory_limit(job.cfg.train.memory_limit_gb):
+                job.world.on_main(lambda: _start_run_dir(job, flag))
+                mx.reset_peak_memory()  # report training memory, not the transients of loading and converting
+                outcome, last_val = _loop(job, flag)
+            return _finish(job, outcome, last_val, flag.signum)
+        finally:
+            job.lock and job.lock.release()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -103,19 +110,20 @@ class Job:
     notes: list = field(default_factory=list)
     saved_step: Optional[int] = None
     window_started: float = 0.0
+    overwrite: bool = False
+    lock: Any = None  # process 0's ownership.RunLock
 
     def last_good(self) -> Optional[Path]:
         """The newest checkpoint known to be good: this run's last save, else the one it resumed from."""
         return self.run.step_dir(self.saved_step) if self.saved_step is not None else self.resume_path
 
 
-def prepare(config: Any = None, *, resume: Any = None, overrides: Optional[list[str]] = None, quiet: bool = False,
-            world=None, callbacks: Optional[Sequence[Callback]] = None, **kwargs: Any) -> Job:
-    """Everything before the first step: config → model → LoRA → data → memory guard → resume state."""
-    from . import loading
-    from .distributed import SingleProcess, make_all_reduce, shard_warning
-    from .lora import adapter_weights
-    from .trackers import check_trackers, make_trackers
+def prepare(config: Any = None, *, resume: Any = None, overwrite: bool = False, overrides: Optional[list[str]] = None,
+            quiet: bool = False, world=None, callbacks: Optional[Sequence[Callback]] = None, **kwargs: Any) -> Job:
+    """Everything before the first step: config → the run dir checked and locked → model → LoRA → data → memory
+    guard → resume state. On any failure the lock is released (and a run dir it created removed)."""
+    from .distributed import SingleProcess
+    from .trackers import check_trackers
 
     cfg = load_config(config, overrides, **kwargs)
     check_trackers(cfg.train.report_to)  # a tracker that is not installed: one line before anything is loaded
@@ -124,10 +132,27 @@ def prepare(config: Any = None, *, resume: Any = None, overrides: Optional[list[
     if not cfg.data.train:
         raise ConfigError("data.train: not set; point it at a JSON/JSONL/Parquet file or a dir with train/valid/test files")
     world = world if world is not None else SingleProcess()
-    is_main, size = world.rank() == 0, world.size()
     run = RunDir(Path(cfg.output_dir))
-    # Only process 0 reads or writes the run dir; an error there is raised on every process (distributed.py).
-    resume_path = world.on_main(lambda: _check_run_dir(run, resume))
+    lock: list = []  # process 0's RunLock; only process 0 reads or writes the run dir (errors reach every process)
+    resume_path = world.on_main(lambda: claim_run_dir(cfg, run, resume, overwrite, lock))
+    try:
+        job = _build(cfg, world, run, resume_path, quiet, callbacks)
+    except BaseException:
+        lock and lock[0].release()
+        raise
+    job.lock, job.overwrite = (lock or [None])[0], overwrite
+    return job
+
+
+def _build(cfg: Config, world, run: RunDir, resume_path: Optional[Path], quiet: bool,
+           callbacks: Optional[Sequence[Callback]]) -> Job:
+    """The model, LoRA, data, memory guard, resume state and compiled step of a run whose dir is claimed."""
+    from . import loading
+    from .distributed import make_all_reduce, shard_warning
+    from .lora import adapter_weights
+    from .trackers import make_trackers
+
+    is_main, size = world.rank() == 0, world.size()
     model, tokenizer = loading.load(cfg.model.path, dtype=cfg.model.dtype, quantize=cfg.model.quantize)
     cfg, notes = _apply_lora(cfg, model, verbose=is_main and not quiet)
     model.grad_checkpoint = cfg.train.grad_checkpoint
@@ -165,16 +190,6 @@ def prepare(config: Any = None, *, resume: Any = None, overrides: Optional[list[
                         + list(callbacks or [])) if is_main else CallbackList())
     return Job(cfg, world, run, model, tokenizer, stream, valid_batches, list(splits.valid or []), optimizer, step_fn,
                state, resume_path, identity, lora_meta, info, cbs, notes)
-
-
-def _check_run_dir(run: RunDir, resume: Any) -> Optional[Path]:
-    """The checkpoint to resume from (None: a fresh run); a run dir with checkpoints needs --resume."""
-    if run.root.is_dir():
-        recover_run(run)  # a checkpoint whose re-write was killed between its two renames comes back first
-    if not resume and latest_checkpoint(run) is not None:
-        raise CheckpointError(
-            f"{run.root}: already holds a run with checkpoints; add --resume to continue it or choose another --output_dir")
-    return resolve_resume(run, resume) if resume else None
 
 
 def _apply_lora(cfg: Config, model, *, verbose: bool) -> tuple[Config, list[str]]:
@@ -249,8 +264,9 @@ def _restore(path: Path, expected: dict, fresh: ResumeState, model, optimizer, w
 def _start_run_dir(job: Job, flag: "StopFlag") -> None:
     """Process 0: the run dir, config.yaml, the abandoned trajectory moved aside, notes, on_train_begin."""
     run, st = job.run, job.state
-    run.root.mkdir(parents=True, exist_ok=True)
-    job.cfg.save(run.config)
+    start_run_dir(run.root, job.overwrite)  # the marker first; --overwrite: the old results removed
+    from .runs import save_run_config  # paths made absolute (inside the run dir: relative to it)
+    save_run_config(job.cfg, run.root)
     notes = list(job.notes)
     if job.resume_path is not None:
         notes += abandon_newer(run, st.step, job.resume_path)
@@ -270,11 +286,14 @@ def _start_run_dir(job: Job, flag: "StopFlag") -> None:
 
 def _loop(job: Job, flag: "StopFlag") -> tuple[str, dict]:
     """Optimizer steps from the resume state to the end of the schedule: returns (how it ended, last validation).
+    A fresh run with validation data first validates the base model (a step-0 record; no early stopping on it).
 
     "done", "early_stop" (patience ran out) or "interrupted" (Ctrl-C or a callback's request_stop, on any
     process: all stop after the same step). A stop always writes a checkpoint first."""
     st, tc, cb = job.state, job.cfg.train, job.callbacks
     total, outcome, last_val = st.total_steps, "done", {}
+    if st.step == 0 and job.valid_batches:  # the base model's validation, where the curve starts (not on resume)
+        cb.on_eval(_validate(job)[1])
     job.window_started = time.perf_counter()
     while st.step < total:
         grad_norm, lr = _run_step(job)
@@ -430,7 +449,7 @@ def _save(job: Job) -> Path:
 # Finish
 
 
-def _finish(job: Job, outcome: str, last_val: dict) -> TrainResult:
+def _finish(job: Job, outcome: str, last_val: dict, stop_signal: Optional[int] = None) -> TrainResult:
     """The final adapter in the run dir, then on_train_end (loss.png); the other processes wait for process 0."""
     from .adapters import save_adapter
 
@@ -439,7 +458,8 @@ def _finish(job: Job, outcome: str, last_val: dict) -> TrainResult:
     metrics = {"step": st.step, **{f"val_{k}": v for k, v in last_val.items() if k in ("loss", "ppl")}}
     best = ({"metric": job.cfg.train.early_stopping_metric, "value": es.best, "step": es.best_step}
             if es.best is not None else None)
-    result = TrainResult(job.run.root, st.step, metrics, outcome == "interrupted", outcome == "early_stop", best)
+    result = TrainResult(job.run.root, st.step, metrics, outcome == "interrupted", outcome == "early_stop", best,
+                         stop_signal=stop_signal)
 
     def final() -> None:
         with disk_errors(job.run, job.last_good):

@@ -1,5 +1,6 @@
-"""Fault injection: SIGKILL at random moments (mid-step, mid-eval, mid-checkpoint-write) and resume, a full disk
-during a save, and a NaN/inf loss.
+"""Fault injection: SIGKILL at random moments (mid-step, mid-eval, mid-checkpoint-write) and resume, SIGTERM /
+SIGHUP (checkpoint, exit 143 / 129, resume) and a second signal (exits at once), a full disk during a save, and a
+NaN/inf loss.
 
     pytest tests/test_faults.py                                   # 3 kill rounds (part of `make test`)
     MLXTUNE_FAULT_ROUNDS=20 MLXTUNE_FAULT_SEED=7 pytest tests/test_faults.py -k sigkill -s   # a longer soak
@@ -227,6 +228,62 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(setup, reference, tmp
 
 
 # --------------------------------------------------------------------------------------------------------------
+# SIGTERM and SIGHUP behave like Ctrl-C; a second signal stops at once
+
+
+def _wait_for(cond, p: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        if p.poll() is not None or time.time() > deadline:
+            p.kill()
+            pytest.fail(f"the run ended or stalled before the signal: {p.communicate()[0]}")
+        time.sleep(0.005)
+
+
+def _resume_to_the_end_equals(reference: Path, cfg: Path, run: Path, capsys) -> None:
+    code, err = _run_cli(["train", "-c", str(cfg), "--quiet", "--resume"], capsys)
+    assert code == 0, err
+    a, b = _adapter(run / "adapters.safetensors"), _adapter(reference / "adapters.safetensors")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert _losses(run) == _losses(reference)
+
+
+@pytest.mark.parametrize("sig, code", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_sigterm_and_sighup_checkpoint_then_resume_equals_uninterrupted(setup, reference, tmp_path, monkeypatch,
+                                                                         capsys, sig, code):
+    monkeypatch.setenv("MLXTUNE_CACHE", str(setup[0] / "cache"))
+    cfg, run = _config(tmp_path, setup, max_steps=_steps()), tmp_path / "run"
+    p = _launch(cfg, _env(setup[0]), resume=False, slow=True)
+    _wait_for(lambda: _latest_step(run) >= 2, p)
+    p.send_signal(getattr(signal, sig))
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == code, out
+    assert f"interrupt ({sig}): finishing this step, writing a checkpoint" in out, out
+    assert not (run / ".mlxtune-run.lock").exists() and not _tmp_dirs(run)
+    assert 2 <= _latest_step(run) < _steps()
+    _resume_to_the_end_equals(reference, cfg, run, capsys)
+
+
+def test_second_sigterm_exits_at_once_and_the_run_still_resumes(setup, reference, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLXTUNE_CACHE", str(setup[0] / "cache"))
+    cfg, run = _config(tmp_path, setup, max_steps=_steps()), tmp_path / "run"
+    p = _launch(cfg, _env(setup[0]), resume=False, slow=True)
+    cps = run / "checkpoints"
+    _wait_for(lambda: cps.is_dir() and any(TEMP_RE.match(n) and int(TEMP_RE.match(n)[1]) >= 2
+                                           for n in os.listdir(cps)), p)
+    p.send_signal(signal.SIGTERM)
+    time.sleep(0.02)
+    t0 = time.time()
+    p.send_signal(signal.SIGTERM)  # mid-write of a checkpoint: that write is dropped, nothing else changes
+    out, _ = p.communicate(timeout=60)
+    assert time.time() - t0 < 3, "a second signal stops at once"
+    assert p.returncode == 143, out
+    assert not (run / ".mlxtune-run.lock").exists()
+    _check_all_checkpoints_load(run, _expected(reference))
+    _resume_to_the_end_equals(reference, cfg, run, capsys)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # A full disk during a save
 
 
@@ -303,10 +360,27 @@ def test_real_full_disk_tmpfs(setup, reference, tmp_path, monkeypatch, capsys):
 # NaN / inf
 
 
+def _learning_rate_beyond_the_domain(monkeypatch, lr: float) -> None:
+    """The config refuses a learning rate outside (0, 1); the non-finite guard must still hold when the numbers
+    blow up anyway, so the optimizer (test-side only) gets `lr`."""
+    import copy
+
+    from mlxtune import trainer
+
+    def make(tc, n):
+        tc = copy.copy(tc)  # not dataclasses.replace: that would check the domain again
+        object.__setattr__(tc, "learning_rate", lr)
+        return real(tc, n)
+
+    real = trainer.make_optimizer
+    monkeypatch.setattr(trainer, "make_optimizer", make)
+
+
 def test_nan_loss_stops_naming_step_and_batch(setup, tmp_path, monkeypatch, capsys):
     """lr 1e30: step 1's update makes the LoRA weights ~1e30 (finite, saved), step 2's loss overflows."""
     monkeypatch.setenv("MLXTUNE_CACHE", str(setup[0] / "cache"))
-    cfg = _config(tmp_path, setup, learning_rate=1e30, warmup_ratio=0.0)
+    _learning_rate_beyond_the_domain(monkeypatch, 1e30)
+    cfg = _config(tmp_path, setup, warmup_ratio=0.0)
     code, err = _run_cli(["train", "-c", str(cfg), "--quiet"], capsys)
     assert code == 2
     assert len(err.splitlines()) == 1, err
@@ -343,7 +417,8 @@ def test_poisoned_weight_stops_at_step_1_without_checkpoint(setup, tmp_path, mon
 def test_inf_weights_with_finite_loss_are_never_checkpointed(setup, tmp_path, monkeypatch, capsys):
     """lr 1e39 is inf in float32: step 1's loss and gradient are finite, its update is not — nothing is saved."""
     monkeypatch.setenv("MLXTUNE_CACHE", str(setup[0] / "cache"))
-    cfg = _config(tmp_path, setup, learning_rate=1e39, warmup_ratio=0.0)
+    _learning_rate_beyond_the_domain(monkeypatch, 1e39)
+    cfg = _config(tmp_path, setup, warmup_ratio=0.0)
     code, err = _run_cli(["train", "-c", str(cfg), "--quiet"], capsys)
     assert code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith("error: step 1: the update made the LoRA weights inf/nan although the loss and gradient "

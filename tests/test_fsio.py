@@ -195,3 +195,72 @@ def test_macos_uses_full_fsync(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda fd: calls.append("fsync"))
     fsio.write_bytes(tmp_path / "f", b"x")
     assert calls and set(calls) == {51}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# check_output: the one rule for every --out
+
+
+def test_check_output_new_and_empty_paths_are_fine(tmp_path):
+    assert fsio.check_output(tmp_path / "new" / "out") == (tmp_path / "new" / "out").resolve()
+    (tmp_path / "empty").mkdir()
+    assert fsio.check_output(tmp_path / "empty") == (tmp_path / "empty").resolve()
+
+
+@pytest.mark.parametrize("value", [None, "", "   "])
+def test_check_output_refuses_an_empty_path(value):
+    with pytest.raises(fsio.MlxtuneError, match="--out: empty path"):
+        fsio.check_output(value)
+
+
+def test_check_output_never_replaces_without_force(tmp_path):
+    (tmp_path / "f.jsonl").write_text("x")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "keep.txt").write_text("y")
+    (tmp_path / "link").symlink_to(tmp_path / "missing")
+    for p, what in [("f.jsonl", "an existing file"), ("d", "not empty"), ("link", "dangling symlink")]:
+        with pytest.raises(OutputExistsError, match=what) as e:
+            fsio.check_output(tmp_path / p, kind="--out")
+        assert "--force" in str(e.value) and "\n" not in str(e.value)
+        assert fsio.check_output(tmp_path / p, force=True)  # --force: allowed
+    assert (tmp_path / "f.jsonl").read_text() == "x" and (tmp_path / "d" / "keep.txt").read_text() == "y"
+
+
+def test_check_output_never_onto_or_inside_an_input(tmp_path):
+    model, data = tmp_path / "model", tmp_path / "data.jsonl"
+    model.mkdir()
+    data.write_text("{}")
+    (tmp_path / "alias").symlink_to(model)
+    cases = [(data, "is the input"), (model, "is the input"), (model / "fused", "is inside the input"),
+             (tmp_path / "alias" / "x", "is inside the input"), (tmp_path, "holds the input")]
+    for out, what in cases:
+        for force in (False, True):
+            with pytest.raises(fsio.MlxtuneError, match=what):
+                fsio.check_output(out, inputs=[model, data, None, ""], force=force)
+
+
+def test_check_output_parent_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(fsio.MlxtuneError, match="is a file, not a directory"):
+        fsio.check_output(tmp_path / "file" / "sub" / "out.jsonl")
+
+
+def test_check_output_cuts_long_paths(tmp_path):
+    long = tmp_path.joinpath(*["x" * 100] * 3)
+    long.parent.mkdir(parents=True)
+    long.write_text("x")
+    with pytest.raises(OutputExistsError) as e:
+        fsio.check_output(long)
+    assert len(str(e.value)) < 200
+
+
+def test_check_output_cleans_what_a_killed_writer_left(tmp_path):
+    dead = _dead_pid()
+    (tmp_path / f".out.jsonl.tmp-{dead}-0badc0de.jsonl").write_text("half")
+    (tmp_path / f".report.old-{dead}").mkdir()  # a dir swap killed between its two renames
+    (tmp_path / f".report.old-{dead}" / "report.json").write_text("{}")
+    assert fsio.check_output(tmp_path / "out.jsonl") == (tmp_path / "out.jsonl").resolve()
+    assert not list(tmp_path.glob(".out.jsonl.tmp-*"))
+    with pytest.raises(OutputExistsError):  # the old copy is back, so it is an existing output
+        fsio.check_output(tmp_path / "report")
+    assert (tmp_path / "report" / "report.json").read_text() == "{}"

@@ -112,11 +112,11 @@ def test_resume_from_older_checkpoint_moves_newer_ones_aside(setup, tmp_path, mo
     adapter again (the best evaluation of the trajectory resumed from)."""
     import mlxtune.trainer as trainer
 
-    curve = {2: 5.0, 4: 4.0, 6: 3.0, 5: 9.0}
+    curve = {0: 9.5, 2: 5.0, 4: 4.0, 6: 3.0, 5: 9.0}  # 0: the base model's validation
     steps = []
 
     def fake_eval(model, batches):
-        v = curve[steps[-1]]
+        v = curve[steps[-1] if steps else 0]
         return {"loss_sum": v, "n_tokens": 1.0, "loss": v, "ppl": math.exp(v)}
 
     class Step(Callback):
@@ -240,7 +240,7 @@ def test_metrics_resume_exact_when_resumed_between_reports(setup, tmp_path):
     second = _train(cfg, resume=True)
     assert second.steps == 8
     a, b = _records(second.run_dir), _records(full.run_dir)
-    assert [r["step"] for r in a] == [2, 3, 4, 6, 6, 8, 8]
+    assert [r["step"] for r in a] == [0, 2, 3, 4, 6, 6, 8, 8]  # 0: the base model's validation
     assert a == b
     assert _same(_adapter(second.run_dir / "adapters.safetensors"), _adapter(full.run_dir / "adapters.safetensors"))
     state = json.loads((second.run_dir / "checkpoints" / "step_000003" / "state.json").read_text())
@@ -318,7 +318,7 @@ def test_best_is_one_directory_swap(setup, tmp_path, monkeypatch):
     import mlxtune.trainer as trainer
     from mlxtune.lora import adapter_weights
 
-    curve, snapshots = iter([5.0, 4.0, 3.0]), []
+    curve, snapshots = iter([9.5, 5.0, 4.0, 3.0]), []  # 9.5: the base model's step-0 validation (snapshots[0])
 
     def fake_eval(model, batches):
         snapshots.append({k: np.array(v) for k, v in adapter_weights(model).items()})
@@ -340,8 +340,8 @@ def test_best_is_one_directory_swap(setup, tmp_path, monkeypatch):
         _train(_cfg(tmp_path, setup, eval_every=1, save_every=100))
     best = tmp_path / "run" / "best"
     assert json.loads((best / "best.json").read_text())["step"] == 1
-    assert _same(_adapter(best / "adapters.safetensors"), snapshots[0])
-    assert not _same(snapshots[0], snapshots[1])
+    assert _same(_adapter(best / "adapters.safetensors"), snapshots[1])
+    assert not _same(snapshots[1], snapshots[2])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -373,7 +373,7 @@ def test_quota_error_is_a_full_disk_whatever_its_errno(setup, tmp_path, monkeypa
             raise OSError(69, "Disc quota exceeded", "somewhere/metrics")
 
     with pytest.raises(MlxtuneError, match=r"^somewhere/metrics: Disc quota exceeded while writing the run; free some "
-                                           r"space, then continue with --resume"):
+                                           r"space; then (continue with --resume|start the run again)"):
         _train(_cfg(tmp_path, setup, output="run2"), callbacks=[Quota()])
 
 

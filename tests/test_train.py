@@ -314,10 +314,11 @@ def test_existing_run_needs_resume(tmp_path, tiny_llama_dir, tiny_data, uninterr
 
 
 def test_early_stopping_on_crafted_curve(tmp_path, tiny_llama_dir, tiny_data, monkeypatch):
-    """Validation losses 5, 4, 3.5, 3.6, 3.7, 3.8 with patience 2: stop at the 5th evaluation; best/ = eval 3."""
+    """Validation losses 5, 4, 3.5, 3.6, 3.7, 3.8 with patience 2: stop at the 5th evaluation; best/ = eval 3. The
+    base model's step-0 validation (1.0 here, lower than all) is not an early-stopping candidate."""
     import mlxtune.trainer as trainer
 
-    curve = iter([5.0, 4.0, 3.5, 3.6, 3.7, 3.8, 3.9])
+    curve = iter([1.0, 5.0, 4.0, 3.5, 3.6, 3.7, 3.8, 3.9])
     snapshots = {}
 
     def fake_eval(model, batches):
