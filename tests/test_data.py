@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -347,3 +348,237 @@ def test_prompt_for_generation(tok, alpaca_seed_dir):
     ids, reference = enc.prompt(chat, "messages")
     ex, _ = enc.encode(chat, "messages")
     assert ids == ex.ids[: ex.mask.index(1)] and reference == "Hello!"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Huge and strange data (issue 15)
+
+
+def qload(path, tok, **cfg):
+    """`load` without the cache (hashing the 17 MB Llama 3 tokenizer costs a second per call)."""
+    return load(path, tok, cache=False, **cfg)
+
+
+class Spy:
+    """A tokenizer that records the longest text it was asked to tokenize; everything else delegates."""
+
+    def __init__(self, tok):
+        self._tok, self.longest = tok, 0
+
+    def __call__(self, text, **kw):
+        for t in [text] if isinstance(text, str) else text:
+            self.longest = max(self.longest, len(t))
+        return self._tok(text, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def test_huge_record_clipped_before_tokenizing(tmp_path, tok):
+    reply = "lorem ipsum dolor sit amet " * (5 * 2**20 // 27)  # a 5 MB line
+    path = write(tmp_path / "t.jsonl", [GOOD, json.dumps({"messages": [CONV[0], {"role": "assistant", "content": reply}]})])
+    spy = Spy(tok)
+    s = qload(path, spy, max_length=64)
+    budget = D.Encoder(tok, max_length=64).char_budget()
+    assert budget < 100_000 and spy.longest <= budget + 200  # the tokenizer saw the budget, not 5 MB
+    assert [len(e.ids) for e in s.train] == [len(s.train[0].ids), 64] and s.info["train"]["truncated"] == 1
+    whole = D.Encoder(tok, max_length=64).encode(D.normalize({"messages": [CONV[0], {"role": "assistant", "content": reply[:20_000]}]}, "messages"), "messages")
+    assert s.train[1] == whole[0]  # the first max_length tokens are those of the unclipped text
+    with pytest.raises(DataError, match=rf"{path}:2: at least \d+ tokens, more than data.max_length=64"):
+        qload(path, tok, max_length=64, on_too_long="error")
+    # a prompt that fills the budget: dropped as "prompt longer than max_length", not an error
+    path = write(tmp_path / "p.jsonl", [GOOD, json.dumps({"messages": [{"role": "user", "content": reply}, CONV[1]]})])
+    assert qload(path, tok, max_length=64).info["train"]["skipped"] == {"prompt longer than max_length": 1}
+
+
+def test_many_tiny_turns_bounded(tmp_path, tok):
+    turns = [{"role": r, "content": "x"} for _ in range(3_000) for r in ("user", "assistant")]
+    path = write(tmp_path / "t.jsonl", [json.dumps({"messages": turns})])
+    s = qload(path, tok, max_length=32)
+    assert len(s.train[0].ids) == 32 and s.info["train"]["truncated"] == 1
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dir", "device"])
+def test_special_files_refused_before_reading(tmp_path, tok, kind):
+    import os
+
+    path = tmp_path / "train.jsonl"
+    if kind == "fifo":
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no FIFOs here")
+        os.mkfifo(path)  # opening it would block forever
+        expect = "is a FIFO"
+    elif kind == "dir":
+        path.mkdir()
+        expect = "is a directory, not a data file"
+    else:
+        path = Path(os.devnull)
+        if not path.exists():
+            pytest.skip("no null device")
+        expect = "is a character device"
+    with pytest.raises(DataError, match=expect):
+        D.load_file(path, DataConfig(train=str(path)), tok)
+    if kind == "fifo":  # as a dir's train file too
+        with pytest.raises(DataError, match="train.jsonl: is a FIFO"):
+            qload(tmp_path, tok)
+
+
+ORDER_CASES = {
+    "assistant first": ([CONV[1], CONV[0], CONV[1]], "messages[0] is an assistant turn as the first turn"),
+    "two assistants": ([*CONV, CONV[1]], "messages[2] is an assistant turn after an assistant turn"),
+    "two users": ([CONV[0], *CONV], "messages[1] is a user turn after a user turn"),
+    "system not first": ([*CONV, {"role": "system", "content": "S"}], "messages[2] is a system turn after the first"),
+    "empty reply": ([CONV[0], {"role": "assistant", "content": " \n"}], "messages[1] is an empty assistant turn"),
+}
+
+
+@pytest.mark.parametrize("case", list(ORDER_CASES))
+def test_role_order_and_empty_replies(tmp_path, tok, case):
+    turns, expect = ORDER_CASES[case]
+    path = write(tmp_path / "train.jsonl", [GOOD, json.dumps({"messages": turns})])
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:2: {re.escape(expect)}"):
+        qload(path, tok)
+    reason = "empty reply" if case == "empty reply" else "role order"
+    assert qload(path, tok, on_bad_line="skip").info["train"]["skipped"] == {reason: 1}
+
+
+def test_empty_replies_in_every_format(tmp_path, tok):
+    for rec, expect in [({"instruction": "a", "input": "", "output": "  "}, "field 'output' is empty"),
+                        ({"prompt": "a", "completion": ""}, "field 'completion' is empty")]:
+        path = write(tmp_path / "e.jsonl", [json.dumps({**rec, **({"output": "b"} if "output" in rec else {"completion": "b"})}),
+                                            json.dumps(rec)])
+        with pytest.raises(DataError, match=rf"{path}:2: {expect}"):
+            qload(path, tok)
+    # an untrained (weight 0) empty assistant turn teaches nothing: allowed
+    conv = [CONV[0], {"role": "assistant", "content": "", "weight": 0}, CONV[0], CONV[1]]
+    assert len(qload(write(tmp_path / "w.jsonl", [json.dumps({"messages": conv})]), tok).train) == 1
+
+
+def test_sharegpt_assistant_names_and_role_content_keys(tmp_path, tok):
+    expect = qload(write(tmp_path / "m.jsonl", [GOOD]), tok).train
+    for turns in ([{"from": "human", "value": "Hi"}, {"from": "chatgpt", "value": "Hello!"}],
+                  [{"from": "user", "value": "Hi"}, {"from": "bing", "value": "Hello!"}],
+                  [{"from": "human", "value": "Hi"}, {"from": "bard", "value": "Hello!"}],
+                  [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+                  [{"role": "human", "content": "Hi"}, {"role": "gpt", "content": "Hello!"}]):
+        path = write(tmp_path / "s.jsonl", [json.dumps({"conversations": turns})])
+        s = qload(path, tok)
+        assert s.info["train"]["format"] == "sharegpt" and s.train == expect, turns
+
+
+@pytest.mark.parametrize("raw, expect", [
+    (b'{"messages": [{"role": "user", "content": "\\ud800"}, ' + GOOD[14:].encode()[:-2] + b"]}", "lone surrogate"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'{"text": ' + b"1" * 5000 + b"}", "not valid JSON"),
+    (b'{"text": "caf\xe9"}', "not UTF-8"),
+    (b'{"text": "\xed\xa0\x80"}', "not UTF-8"),  # a surrogate encoded as UTF-8 bytes
+    (b'{"text": "a\x00b"}', "not valid JSON"),
+])
+def test_strange_bytes_are_one_line_errors(tmp_path, tok, raw, expect):
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(GOOD.encode() + b"\n" + raw + b"\n")
+    with pytest.raises(DataError) as e:
+        qload(path, tok)
+    assert str(e.value).startswith(f"{path}:2: ") and expect in str(e.value) and "\n" not in str(e.value)
+    # the same element in a JSON list: one error naming the line (a list cannot skip an element)
+    js = tmp_path / "t.json"
+    js.write_bytes(b"[\n" + GOOD.encode() + b",\n" + raw + b"\n]")
+    with pytest.raises(DataError) as e:
+        qload(js, tok)
+    assert str(e.value).startswith(f"{js}:") and "\n" not in str(e.value)
+
+
+def test_json_list_streamed_in_small_chunks(tmp_path, tok, monkeypatch):
+    from mlxtune.data import sources
+
+    recs = [{"messages": [{"role": "user", "content": f"Q{i} " + "é" * i}, {"role": "assistant", "content": f"A{i}\n"}]}
+            for i in range(60)] + [{"text": "x" * 5000}, {"prompt": "p", "completion": "c", "n": 12345678901234567890}]
+    path = tmp_path / "t.json"
+    path.write_text("\ufeff[\n" + ",\n".join(json.dumps(r, indent=1 if i % 2 else None, ensure_ascii=bool(i % 3))
+                                             for i, r in enumerate(recs)) + "\n]\n")
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 7)  # every element spans many chunks
+    lines = list(D.read_lines(path))
+    assert [l.value for l in lines] == recs
+    assert [l.where for l in lines][:3] == [f"{path}:2", f"{path}:3", f"{path}:15"]  # record 1 is 12 lines
+    monkeypatch.setattr(sources, "MAX_RECORD_BYTES", 1000)
+    with pytest.raises(DataError, match=rf"{path}:\d+: a record over"):
+        list(D.read_lines(path))
+
+
+def test_jsonl_line_over_the_record_limit_is_skipped_unread(tmp_path, tok, monkeypatch):
+    from mlxtune.data import sources
+
+    monkeypatch.setattr(sources, "MAX_RECORD_BYTES", 4096)
+    path = write(tmp_path / "t.jsonl", [GOOD, json.dumps({"text": "x" * 10_000}), GOOD])
+    with pytest.raises(DataError, match=rf"{path}:2: the line is over"):
+        qload(path, tok)
+    s = qload(path, tok, on_bad_line="skip")
+    assert len(s.train) == 2 and s.info["train"]["skipped"] == {"record too large": 1}
+
+
+def test_csv_refused(tmp_path, tok):
+    path = tmp_path / "train.csv"
+    path.write_text("instruction,output\na,b\n")
+    with pytest.raises(DataError, match="CSV is not supported: use JSON, JSONL or Parquet"):
+        qload(path, tok)
+    with pytest.raises(DataError, match=r"no train file in this dir \(train.csv: CSV is not supported"):
+        qload(tmp_path, tok)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data inspect / convert (issue 16)
+
+
+def test_cli_inspect_tokenizer_sources(tmp_path, llama3_tokenizer_dir, smollm2_gguf, capsys):
+    import yaml
+
+    path = write(tmp_path / "d" / "train.jsonl", [GOOD])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"path": str(llama3_tokenizer_dir)}, "data": {"train": str(path)}}))
+    for source in (str(run), str(smollm2_gguf)):  # a HF dir: test_cli_inspect
+        assert run_cli(["data", "inspect", str(path), "--tokenizer", source, "--color", "never"]) == 0
+        out = capsys.readouterr().out
+        assert "[[Hello!" in out and "examples: 1 of 1 records" in out, source
+    with pytest.raises(DataError, match="not a model dir, .gguf file or run dir"):
+        run_cli(["data", "inspect", str(path), "--tokenizer", str(path)])
+
+
+def test_cli_inspect_every_split_and_exit_2_when_nothing_usable(tmp_path, llama3_tokenizer_dir, capsys):
+    d = tmp_path / "d"
+    write(d / "train.jsonl", [GOOD, "{"])
+    write(d / "valid.jsonl", [GOOD])
+    assert run_cli(["data", "inspect", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert "=== train:" in out and "=== valid:" in out and "skipped: 1 invalid JSON (line 2)" in out
+    with pytest.raises(DataError, match=rf"{d / 'train.jsonl'}:2: not valid JSON"):
+        run_cli(["data", "inspect", str(d), "--on-bad-line", "error"])  # without a tokenizer too
+    bad = write(tmp_path / "bad.jsonl", ["{", json.dumps({"messages": []})])
+    for extra in ([], ["--tokenizer", str(llama3_tokenizer_dir)]):
+        with pytest.raises(DataError, match="no usable"):
+            run_cli(["data", "inspect", str(bad), *extra])
+
+
+def test_cli_convert_never_replaces_without_force(tmp_path, capsys):
+    src = write(tmp_path / "a.jsonl", [json.dumps({"instruction": "a", "input": "", "output": "b"})])
+    out = write(tmp_path / "out.jsonl", ["keep me"])
+    with pytest.raises(DataError.__mro__[1], match="already exists"):
+        run_cli(["data", "convert", str(src), "--out", str(out)])
+    assert out.read_text() == "keep me\n"
+    with pytest.raises(DataError.__mro__[1], match="is the input"):
+        run_cli(["data", "convert", str(src), "--out", str(src), "--force"])
+    assert run_cli(["data", "convert", str(src), "--out", str(out), "--force"]) == 0
+    assert json.loads(out.read_text())["messages"][1] == {"role": "assistant", "content": "b"}
+
+
+def test_cli_convert_dir_every_split(tmp_path, capsys):
+    d = tmp_path / "d"
+    write(d / "train.jsonl", [json.dumps({"instruction": "a", "input": "", "output": "b"})] * 3)
+    write(d / "test.jsonl", [json.dumps({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]})])
+    assert run_cli(["data", "convert", str(d), "--out", str(tmp_path / "o")]) == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["test.jsonl", "train.jsonl"]
+    assert len((tmp_path / "o" / "train.jsonl").read_text().splitlines()) == 3
+    write(d / "valid.jsonl", [json.dumps({"instruction": "a", "output": ""})])  # an empty reply: the error names it
+    with pytest.raises(DataError, match=rf"{d / 'valid.jsonl'}:1: field 'output' is empty"):
+        run_cli(["data", "convert", str(d), "--out", str(tmp_path / "o2")])
+    assert not (tmp_path / "o2").exists() and not list(tmp_path.glob(".o2*"))

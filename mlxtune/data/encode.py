@@ -8,6 +8,13 @@ assistant turn is trained, not only the last. A token is trained when its charac
 Q_i must be prefixes of the full rendering (true of Llama 3, ChatML/Qwen2.5 and Alpaca); for a template that
 rewrites earlier turns the turn's content is located in the rendering instead. `train_on: all` trains every token.
 
+Huge records. Before a record is rendered its text is clipped to a character budget, `CLIP_FACTOR × max_length ×
+the longest token of the vocabulary (in characters)`: a 50 MB line costs its budget, not gigabytes, in the
+tokenizer. The kept text alone holds more than max_length tokens, so the first max_length tokens are the ones the
+whole record would give; the record counts as truncated. Fields are kept in order (system, user, assistant, …)
+until the budget is spent (each turn also costs `TURN_CHARS`), and at most max_length turns (each renders to at
+least one token); later turns are dropped.
+
 BOS. A chat template writes its own BOS (Llama 3's does); the text is tokenized without special tokens, so there is
 no second one (a doubled BOS is collapsed anyway). The alpaca template, raw completions and plain text get the
 tokenizer's BOS when the model uses one (its tokenizer adds it, or its chat template writes it).
@@ -15,7 +22,7 @@ tokenizer's BOS when the model uses one (its tokenizer adds it, or its chat temp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator, Optional, Sequence
 
 from ..config import DataConfig
@@ -24,6 +31,11 @@ from ..tokenizer import END_OF_TURN_TOKENS, unwrap
 from .formats import normalize
 from .records import BadRecord, Example, Record
 from .templates import resolve_template, wants_bos
+
+CLIP_FACTOR = 2
+"The character budget is CLIP_FACTOR × max_length × the longest token (in characters)."
+TURN_CHARS = 16
+"What each turn costs of the budget beyond its content (its header), so that a record of many tiny turns is bounded."
 
 
 @dataclass
@@ -37,6 +49,8 @@ class Rendered:
     eos: bool = False
     "Append the tokenizer's EOS (trained unless train_on says otherwise)."
     all_trained: bool = False
+    clipped: bool = False
+    "The record was cut to the character budget: it counts as truncated."
 
 
 class Encoder:
@@ -53,6 +67,7 @@ class Encoder:
         self.bos_id = self.tok.bos_token_id
         self.eos_id = self.tok.eos_token_id
         self._wants_bos: Optional[bool] = None
+        self._budget: Optional[int] = None
         self._templates: dict[str, tuple[str, Optional[str]]] = {}
 
     @classmethod
@@ -71,6 +86,44 @@ class Encoder:
         if self._wants_bos is None:
             self._wants_bos = wants_bos(self.tok)
         return self._wants_bos
+
+    # -- clipping ----------------------------------------------------------------------------------------
+
+    def char_budget(self) -> int:
+        """How many characters of a record are kept before tokenizing (see the module doc)."""
+        if self._budget is None:
+            try:
+                longest = max(map(len, self.tok.get_vocab()), default=1)
+            except Exception:  # a tokenizer without a vocabulary dict: assume long tokens
+                longest = 64
+            self._budget = CLIP_FACTOR * self.max_length * max(4, longest)
+        return self._budget
+
+    def clip(self, record: Record) -> Record:
+        """The record with its text cut to `char_budget()` characters (in field order), `clipped` set when cut."""
+        left = budget = self.char_budget()
+        if record.text is not None:
+            return record if len(record.text) <= budget else Record(text=record.text[:budget], clipped=True)
+        size = sum(len(m["content"]) + TURN_CHARS for m in record.messages)
+        if size <= budget and len(record.messages) <= self.max_length:
+            return record
+        messages: list[dict] = []
+        for m in record.messages:
+            if left <= 0 or len(messages) == self.max_length:  # every turn renders to at least one token
+                break
+            messages.append({**m, "content": m["content"][:left]})
+            left -= len(m["content"]) + TURN_CHARS
+
+        def cut(fields: Optional[tuple]) -> Optional[tuple]:
+            if fields is None:
+                return None
+            out, rest = [], budget
+            for f in fields:
+                out.append(f[: max(0, rest)])
+                rest -= len(f) + TURN_CHARS
+            return tuple(out)
+
+        return replace(record, messages=messages, alpaca=cut(record.alpaca), completion=cut(record.completion), clipped=True)
 
     # -- rendering -------------------------------------------------------------------------------------
 
@@ -95,13 +148,15 @@ class Encoder:
     def render(self, record: Record, fmt: str) -> Rendered:
         """The record's text and trained character spans (see the module doc)."""
         name, source = self.template_for(fmt)
+        record = self.clip(record)
         if record.text is not None:
-            return Rendered(record.text, [(0, len(record.text))], bos=self.wants_bos(), eos=True, all_trained=True)
+            return Rendered(record.text, [(0, len(record.text))], bos=self.wants_bos(), eos=True, all_trained=True,
+                            clipped=record.clipped)
         if name == "raw":  # completions without a chat template: prompt + completion + EOS
             prompt, completion = record.completion
             text = prompt + completion
             return Rendered(text, [(len(prompt), len(text))], bos=self.wants_bos(), eos=True,
-                            all_trained=self.train_on == "all")
+                            all_trained=self.train_on == "all", clipped=record.clipped)
         msgs = self.conversation(record, name)
         clean = [{k: v for k, v in m.items() if k != "train"} for m in msgs]
         full = self._apply(clean, source, gen=False)
@@ -115,7 +170,7 @@ class Encoder:
                 spans.append((start, end))
             prev_end = max(prev_end, end)
         bos = name == "alpaca" and self.wants_bos()
-        return Rendered(full, spans, bos=bos, all_trained=self.train_on == "all")
+        return Rendered(full, spans, bos=bos, all_trained=self.train_on == "all", clipped=record.clipped)
 
     def _turn_span(self, full: str, clean: list[dict], source: Optional[str], i: int, prev_end: int) -> tuple[int, int]:
         """[start, end) of assistant turn i in the full rendering: from the prefix renderings P_i and Q_i."""
@@ -211,13 +266,14 @@ class Encoder:
             ids, mask = ids + [self.eos_id], mask + [1]
         if ids:
             mask[0] = 0  # the first token is never predicted
-        if not any(mask):
+        if not any(mask) and not r.clipped:
             raise BadRecord("no target tokens", "no token to train on (every assistant turn is empty or weight 0)",
                             "give the record an assistant reply")
-        truncated = len(ids) > self.max_length
+        truncated = len(ids) > self.max_length or r.clipped
         if truncated:
             if self.on_too_long == "error":
-                raise BadRecord("too long", f"{len(ids)} tokens, more than data.max_length={self.max_length}",
+                n = f"at least {len(ids)}" if r.clipped else f"{len(ids)}"
+                raise BadRecord("too long", f"{n} tokens, more than data.max_length={self.max_length}",
                                 "raise data.max_length, shorten the record, or set data.on_too_long: truncate")
             ids, mask = ids[: self.max_length], mask[: self.max_length]
             if not any(mask):

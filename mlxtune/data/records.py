@@ -36,6 +36,8 @@ class Record:
     "(instruction, input, output) of an Alpaca record, for the alpaca template's separate Input block."
     completion: Optional[tuple[str, str]] = None
     "(prompt, completion) of a completions record, for rendering without a chat template."
+    clipped: bool = False
+    "Cut to the encoder's character budget before tokenizing (the record is far over max_length)."
 
 
 class BadRecord(Exception):

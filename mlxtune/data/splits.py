@@ -5,6 +5,11 @@ with `skip` bad records are dropped and counted by reason in a warning (never si
 example is an error. Truncation (`on_too_long: truncate`) is not an error: it is counted and reported, and a
 record whose trained tokens all fall past `max_length` is dropped and reported ("prompt longer than max_length")
 in either mode; with `on_too_long: error` an over-long record is a bad record.
+
+Streaming. A file is read record by record (sources), each record normalized and clipped to the encoder's
+character budget at once (encode), and tokenized in chunks of `ENCODE_CHUNK`: memory holds the examples, one
+chunk of clipped records and the record being read, never the file. With `on_bad_line: error` tokenizing stops
+at the first bad record; the rest of the file is still parsed to count the other bad records.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -22,14 +27,16 @@ from ..config import DATA_FORMATS, DataConfig
 from ..errors import DataError
 from .cache import cache_file, load_entry, save_entry, tokenizer_fingerprint
 from .encode import Encoder
-from .formats import parse_lines
+from .formats import parse_stream
 from .records import BadRecord, Example, FileResult, Line, Record, skip_text
-from .sources import read_lines, split_sources
+from .sources import check_data_file, read_lines, split_sources
 
 log = logging.getLogger(__name__)
 
 EXAMPLE_LINE = '{"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]} per line'
 "What a good record looks like, for the error about an empty file."
+ENCODE_CHUNK = 512
+"Records tokenized per batched tokenizer call."
 
 
 @dataclass
@@ -66,7 +73,7 @@ def load_file(path: str | os.PathLike, cfg: DataConfig, tokenizer: Any, *, encod
               use_cache: Optional[bool] = None, tokenizer_fp: Optional[str] = None) -> FileResult:
     """Read, normalize and tokenize one file (through the cache); raises DataError per `cfg.on_bad_line`.
     `tokenizer_fp`: the tokenizer's cache fingerprint when the caller has it (computed otherwise)."""
-    path = Path(path)
+    path = check_data_file(path)  # before the cache hashes it: a FIFO or a device is never opened
     encoder = encoder or Encoder.from_config(cfg, tokenizer)
     use_cache = cfg.cache if use_cache is None else use_cache
     cfile = None
@@ -75,11 +82,9 @@ def load_file(path: str | os.PathLike, cfg: DataConfig, tokenizer: Any, *, encod
         hit = load_entry(cfile)
         if hit is not None:
             return hit
-    lines = read_lines(path)
-    if not lines:
+    result, bad = encode_stream(read_lines(path), cfg.format, encoder, stop_at_error=cfg.on_bad_line == "error")
+    if not result.records:
         raise DataError(f"{path}: the file has no records; expected {EXAMPLE_LINE}")
-    fmt, parsed = parse_lines(lines, cfg.format)
-    result, bad = _encode_file(parsed, fmt, encoder, len(lines))
     fatal = [b for b in bad if b[2].fatal]
     if fatal and cfg.on_bad_line == "error":
         _, l, e = fatal[0]
@@ -88,31 +93,55 @@ def load_file(path: str | os.PathLike, cfg: DataConfig, tokenizer: Any, *, encod
         raise DataError(f"{l.where}: {e.detail}{fix}, or set data.on_bad_line: skip to drop such records{more}")
     if not result.examples:
         why = skip_text(result.skipped) if result.skipped else "no records"
-        raise DataError(f"{path}: no usable examples ({why}); fix the records (data.format: {cfg.format}, detected {fmt})")
+        raise DataError(f"{path}: no usable examples ({why}); fix the records (data.format: {cfg.format}, "
+                        f"detected {result.format})")
     if cfile is not None:
         save_entry(cfile, result)
     return result
 
 
-def _encode_file(parsed: list[tuple[Line, Record | BadRecord]], fmt: str, encoder: Encoder,
-                 n_records: int) -> tuple[FileResult, list[tuple[int, Line, BadRecord]]]:
-    """Tokenize a file's normalized records: its FileResult, and every bad record (index, line, why) in file order."""
-    bad = [(k, l, r) for k, (l, r) in enumerate(parsed) if isinstance(r, BadRecord)]
-    good = [(k, l, r) for k, (l, r) in enumerate(parsed) if isinstance(r, Record)]
+def encode_stream(lines: Iterable[Line], fmt: str, encoder: Encoder, *,
+                  stop_at_error: bool = False) -> tuple[FileResult, list[tuple[int, Line, BadRecord]]]:
+    """Normalize, clip and tokenize a stream of raw records (see the module doc): the FileResult, and every bad
+    record (index, line, why) in file order. `stop_at_error`: stop tokenizing at the first fatal bad record."""
+    fmt, parsed = parse_stream(lines, fmt)
     template = encoder.template_for(fmt)[0] if fmt in DATA_FORMATS else "-"
-    encoded = encoder.encode_many([r for _, _, r in good], fmt) if good else []
-    examples, truncated = [], 0
-    for (k, l, _), res in zip(good, encoded):
-        if isinstance(res, BadRecord):
-            bad.append((k, l, res))
-        else:
-            examples.append(res[0])
-            truncated += res[1]
+    examples: list[Example] = []
+    bad: list[tuple[int, Line, BadRecord]] = []
+    pending: list[tuple[int, Line, Record]] = []
+    truncated = n = 0
+    stopped = False
+
+    def flush() -> None:
+        nonlocal truncated, stopped
+        for (k, l, _), res in zip(pending, encoder.encode_many([r for _, _, r in pending], fmt) if pending else []):
+            if isinstance(res, BadRecord):
+                bad.append((k, l, res))
+                stopped |= stop_at_error and res.fatal
+            else:
+                examples.append(res[0])
+                truncated += res[1]
+        pending.clear()
+
+    for k, (l, r) in enumerate(parsed):
+        n += 1
+        where = Line(l.where, l.label)  # without its (possibly large) value
+        if isinstance(r, BadRecord):
+            bad.append((k, where, r))
+            if stop_at_error and r.fatal and not stopped:
+                flush()  # the records before it: one of them may fail first
+                stopped = True
+        elif not stopped:
+            pending.append((k, where, encoder.clip(r)))
+            if len(pending) >= ENCODE_CHUNK:
+                flush()
+    if not stopped:
+        flush()
     bad.sort(key=lambda b: b[0])
     skipped: dict[str, list[str]] = {}
     for _, l, e in bad:
         skipped.setdefault(e.reason, []).append(l.label)
-    return FileResult(examples, fmt, template, n_records, skipped, truncated), bad
+    return FileResult(examples, fmt, template, n, skipped, truncated), bad
 
 
 def _report(path: Path, r: FileResult, max_length: int) -> None:

@@ -1,8 +1,10 @@
 """The logic behind `mlxtune data inspect|convert` (the CLI in cli/data.py prints what these return).
 
-`read_records` parses a file without a tokenizer (records, format, what was skipped); `render_marked` shows an
-example's text with its trained tokens marked; `convert_to_messages` rewrites any conversation format as
-OpenAI-style messages JSONL, written atomically.
+`read_records` parses a file without a tokenizer (records, format, what was skipped), keeping only the records
+to show; `render_marked` shows an example's text with its trained tokens marked; `convert_to_messages` rewrites
+any conversation format as OpenAI-style messages JSONL, streamed into a hidden temp file renamed into place when
+complete (never replacing a file unless asked: `fsio.check_output`); a dir is converted split by split into an
+output dir (`convert_splits`), swapped into place only when every split converted.
 """
 
 from __future__ import annotations
@@ -15,34 +17,43 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..errors import DataError
-from ..fsio import write_bytes
+from ..fsio import atomic_dir, atomic_file
 from ..tokenizer import unwrap
 from .batching import make_batches, padding_fraction
-from .formats import parse_lines, to_messages
+from .formats import parse_stream, to_messages
 from .records import BadRecord, Example, Line, Record, skip_text
-from .sources import read_lines
+from .sources import check_data_file, read_lines
 
 
 @dataclass
 class RecordsView:
-    """A file's records, normalized, without tokenizing them."""
+    """A file's records, normalized, without tokenizing them (only the ones to show are kept)."""
 
     records: int
     format: str
     good: list[tuple[Line, Record]]
+    "The records to show (`show` of them from `index` among the usable ones)."
     skipped: dict[str, list[str]]
     "reason → labels (`line 17`) of the records that cannot be used."
+    lengths: list[int]
+    "Every usable record's length in characters."
+    first_bad: Optional[tuple[Line, BadRecord]] = None
 
 
-def read_records(path: Path, fmt: str = "auto") -> RecordsView:
-    """Read and normalize every record of `path` (format `fmt`, or detected)."""
-    lines = read_lines(path)
-    fmt, parsed = parse_lines(lines, fmt)
-    skipped: dict[str, list[str]] = {}
+def read_records(path: Path, fmt: str = "auto", *, index: int = 0, show: int = 1) -> RecordsView:
+    """Read and normalize every record of `path` (format `fmt`, or detected), streaming."""
+    fmt, parsed = parse_stream(read_lines(path), fmt)
+    view = RecordsView(0, fmt, [], {}, [])
     for l, r in parsed:
+        view.records += 1
         if isinstance(r, BadRecord):
-            skipped.setdefault(r.reason, []).append(l.label)
-    return RecordsView(len(lines), fmt, [(l, r) for l, r in parsed if isinstance(r, Record)], skipped)
+            view.skipped.setdefault(r.reason, []).append(l.label)
+            view.first_bad = view.first_bad or (Line(l.where, l.label), r)
+            continue
+        if index <= len(view.lengths) < index + show:
+            view.good.append((Line(l.where, l.label), r))
+        view.lengths.append(char_length(r))
+    return view
 
 
 def normalized(record: Record) -> dict:
@@ -101,17 +112,56 @@ class Converted:
 
 
 def convert_to_messages(path: Path, out: Path, *, fmt: str = "auto", system_prompt: Optional[str] = None,
-                        on_bad_line: str = "error") -> Converted:
-    """Rewrite the records of `path` as messages JSONL at `out` (atomically; parent dirs created)."""
-    lines = read_lines(path)
-    if not lines:
-        raise DataError(f"{path}: the file has no records")
-    fmt, parsed = parse_lines(lines, fmt)
-    if fmt == "text":
-        raise DataError(f"{path}: text records have no conversation to convert to messages; use them as they are")
-    rows: list[str] = []
+                        on_bad_line: str = "error", overwrite: bool = False) -> Converted:
+    """Rewrite the records of `path` as messages JSONL at `out` (streamed to a hidden temp file, renamed into
+    place when complete; parent dirs created, and removed again on error). The caller checks `out` first
+    (fsio.check_output)."""
+    check_data_file(path)
+    missing = out.parent
+    while not missing.parent.exists() and missing.parent != missing.parent.parent:
+        missing = missing.parent
+    made = [] if missing.exists() else [out.parent, *[d for d in out.parent.parents if missing in (d, *d.parents)]]
+    try:
+        with atomic_file(out, overwrite=overwrite) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            return _convert(path, f, fmt=fmt, system_prompt=system_prompt, on_bad_line=on_bad_line)
+    except BaseException:
+        for d in made:  # the dirs this call created, innermost first: nothing is left behind
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def convert_splits(files: dict[str, list[Path]], out: Path, *, overwrite: bool = False, **kw: Any) -> dict[str, Converted]:
+    """Convert each split's files into `out/<split>.jsonl` (one dir, swapped into place when every split
+    converted; an error names the file and line and leaves nothing behind)."""
+    done: dict[str, Converted] = {}
+    for paths in files.values():
+        for p in paths:
+            check_data_file(p)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for split, paths in files.items():
+            with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
+                parts = [_convert(p, f, **kw) for p in paths]
+            skipped: dict[str, list[str]] = {}
+            for c in parts:
+                for reason, labels in c.skipped.items():
+                    skipped.setdefault(reason, []).extend(labels)
+            done[split] = Converted(sum(c.rows for c in parts), parts[0].format, skipped)
+    return done
+
+
+def _convert(path: Path, f: Any, *, fmt: str = "auto", system_prompt: Optional[str] = None,
+             on_bad_line: str = "error") -> Converted:
+    """Write the records of `path` to the open file `f` as messages JSONL, one at a time."""
+    fmt, parsed = parse_stream(read_lines(path), fmt)
+    rows = records = 0
     skipped: dict[str, list[str]] = {}
     for l, r in parsed:
+        records += 1
+        if fmt == "text":
+            raise DataError(f"{path}: text records have no conversation to convert to messages; use them as they are")
         if isinstance(r, BadRecord):
             if on_bad_line == "error":
                 raise DataError(f"{l.where}: {r.detail}{'; ' + r.fix if r.fix else ''}, or pass --on-bad-line skip")
@@ -120,9 +170,10 @@ def convert_to_messages(path: Path, out: Path, *, fmt: str = "auto", system_prom
         msgs = to_messages(r)
         if system_prompt and not any(m["role"] == "system" for m in msgs):
             msgs.insert(0, {"role": "system", "content": system_prompt})
-        rows.append(json.dumps({"messages": msgs}, ensure_ascii=False))
+        f.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
+        rows += 1
+    if not records:
+        raise DataError(f"{path}: the file has no records")
     if not rows:
         raise DataError(f"{path}: no usable records ({skip_text(skipped)})")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes(out, ("\n".join(rows) + "\n").encode("utf-8"))
-    return Converted(len(rows), fmt, skipped)
+    return Converted(rows, fmt, skipped)
