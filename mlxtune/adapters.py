@@ -18,8 +18,10 @@ reports with the checkpoint to resume from (files without ids, from older versio
 `read_adapter(path)` reads mlxtune, PEFT (`adapter_model.safetensors`, `peft_type: LORA`; A (r, in), B (out, r);
 lora_alpha / r, or / sqrt(r) with use_rslora) and mlx-lm adapters (`lora_parameters: {rank, scale, dropout,
 keys}`, `num_layers` = a slice of the last layers: <= 0 or more than the model has = all) into one AdapterSpec
-in mlxtune's names and layouts. `load_adapter(model, path)` checks it against the model (every problem in one
-AdapterError, the model untouched) and applies it.
+in mlxtune's names and layouts; NaN/inf or non-float weights are refused. PEFT / mlx-lm exports carry their base's
+fingerprint and path in the safetensors metadata (BASE_FINGERPRINT_KEY, BASE_PATH_KEY), checked like mlxtune's.
+`load_adapter(model, path)` checks it against the model (every problem in one AdapterError, the model untouched)
+and applies it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -48,6 +50,8 @@ FORMAT = "mlxtune-lora"
 FORMAT_VERSION = 1
 SAVE_ID_KEY = "mlxtune_save_id"
 "The safetensors metadata key holding the save id that adapter_config.json's `save_id` must equal."
+BASE_FINGERPRINT_KEY = "mlxtune_base_fingerprint"
+BASE_PATH_KEY = "mlxtune_base_path"
 
 PathLike = Union[str, os.PathLike]
 
@@ -154,26 +158,24 @@ def _base_record(model: nn.Module, mods: dict, base_path: Optional[PathLike], fi
 
 def write_adapter_dir(out_dir: PathLike, weights: Mapping[str, mx.array], config: Mapping[str, Any], *,
                       weights_file: str = WEIGHTS_FILE, metadata: Optional[Mapping[str, str]] = None,
-                      extra_files: Optional[Mapping[str, Any]] = None, overwrite: bool = False) -> Path:
-    """Write an adapter dir in any format (weights, adapter_config.json, extra files) as ONE directory swap
-    (fsio.atomic_dir): a kill leaves the old dir or the new one, never a mix. Returns `out_dir`.
-
-    Without `overwrite` an existing non-empty `out_dir` raises OutputExistsError.
-    """
+                      extra_files: Optional[Mapping[str, Any]] = None, overwrite: bool = False,
+                      fill: Optional[Callable[[Path], Any]] = None) -> Path:
+    """Write an adapter dir in any format (weights, adapter_config.json, extra files, then `fill(temp dir)` for
+    anything else, such as a base model) as ONE directory swap (fsio.atomic_dir): a kill leaves the old dir or
+    the new one, never a mix. Returns `out_dir`. Without `overwrite` a non-empty `out_dir` is OutputExistsError."""
     out = Path(out_dir)
     with fsio.atomic_dir(out, overwrite=overwrite) as tmp:
         fsio.save_safetensors(tmp / weights_file, weights, metadata=metadata)
         fsio.write_json(tmp / CONFIG_FILE, dict(config))
         for name, content in (extra_files or {}).items():
             _write_extra(tmp / name, content)
+        if fill is not None:
+            fill(tmp)
     return out
 
 
 def _write_extra(path: Path, content: Any) -> None:
-    if isinstance(content, (str, bytes)):
-        fsio.write_bytes(path, content)
-    else:
-        fsio.write_json(path, content)
+    (fsio.write_bytes if isinstance(content, (str, bytes)) else fsio.write_json)(path, content)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -219,7 +221,7 @@ def read_adapter(path: PathLike) -> AdapterSpec:
 
 
 def _load_weights(file: Path, problems: list[str]) -> tuple[dict[str, mx.array], dict]:
-    """(arrays, metadata); ({}, {}) with a problem when the file is missing or unreadable."""
+    """(arrays, metadata); ({}, {}) with a problem when the file is missing or unreadable; non-finite refused."""
     if not file.is_file():
         problems.append(f"missing {file.name}")
         return {}, {}
@@ -228,7 +230,19 @@ def _load_weights(file: Path, problems: list[str]) -> tuple[dict[str, mx.array],
     except Exception as e:  # a truncated or foreign file: say which and why
         problems.append(f"{file.name} could not be read ({e})")
         return {}, {}
+    check_finite(arrays, file)
     return dict(arrays), dict(meta or {})
+
+
+def check_finite(weights: Mapping[str, mx.array], where: Any) -> None:
+    """Refuse weights that are not float or hold NaN or inf (a diverged or corrupt save): one AdapterError naming
+    `where` and the first bad tensor. Used for every adapter read and every checkpoint resumed."""
+    ints = [k for k in sorted(weights) if not mx.issubdtype(weights[k].dtype, mx.floating)]
+    bad = ints or [k for k in sorted(weights) if not mx.all(mx.isfinite(weights[k])).item()]
+    if bad:
+        what = f"is {str(weights[bad[0]].dtype).rsplit('.', 1)[-1]}, not a float weight" if ints else "holds NaN or inf"
+        raise AdapterError(f"{where}: {bad[0][:80]} {what} ({len(bad)} such tensor(s)); the weights diverged or the "
+                           "file is corrupt: use an earlier checkpoint or train again")
 
 
 def _check_pair(p: Path, cfg: dict, meta: dict) -> None:
@@ -310,7 +324,7 @@ def _read_peft(p: Path, cfg: dict) -> AdapterSpec:
         problems.append(f"{where}: layers_to_transform must be null, an index or a list of indices (got {layers!r})")
         layers = None
 
-    raw, _ = _load_weights(p / PEFT_WEIGHTS_FILE, problems)
+    raw, meta = _load_weights(p / PEFT_WEIGHTS_FILE, problems)
     if not (p / PEFT_WEIGHTS_FILE).is_file() and (p / "adapter_model.bin").is_file():
         problems.append("adapter_model.bin (pickle) is not read; re-save with safe_serialization=True")
     matches = {k: _PEFT_KEY.match(k) for k in raw}
@@ -332,7 +346,7 @@ def _read_peft(p: Path, cfg: dict) -> AdapterSpec:
             problems.append(f"{where}: LoRA on {', '.join(outside)} is not supported (only linear layers inside the decoder layers)")
     _raise(p, problems)
     alpha = float(lora_alpha) * (math.sqrt(rank) if cfg.get("use_rslora") else 1.0)
-    base = {"path": cfg.get("base_model_name_or_path")}
+    base = {"path": cfg.get("base_model_name_or_path"), "fingerprint": meta.get(BASE_FINGERPRINT_KEY)}  # export's stamp
     return AdapterSpec("peft", p, rank, alpha, float(cfg.get("lora_dropout") or 0.0), list(targets), layers, weights, base, cfg)
 
 
@@ -357,14 +371,14 @@ def _read_mlx_lm(p: Path, cfg: dict) -> AdapterSpec:
     keys = params.get("keys")
     if keys is not None and not (isinstance(keys, list) and keys and all(isinstance(k, str) for k in keys)):
         problems.append(f"{where}: lora_parameters.keys must be null or a list of module paths (got {keys!r})")
-    weights, _ = _load_weights(p / WEIGHTS_FILE, problems)
+    weights, meta = _load_weights(p / WEIGHTS_FILE, problems)
     others = [k for k in weights if not k.endswith((".lora_a", ".lora_b"))]
     if others:
         problems.append(f"{WEIGHTS_FILE}: {len(others)} key(s) that are not LoRA weights: {_listed(others)}")
     _raise(p, problems)
     targets = list(keys) if keys else list(DEFAULT_TARGETS)
     layers = None if num_layers <= 0 else num_layers  # mlx-lm slices layers[-max(n, 0):]: <= 0 is every layer
-    base = {"path": cfg.get("model")}
+    base = {"path": cfg.get("model"), "fingerprint": meta.get(BASE_FINGERPRINT_KEY)}  # stamped by mlxtune's export
     return AdapterSpec("mlx-lm", p, rank, float(scale) * rank, float(params.get("dropout") or 0.0), targets, layers, weights, base, cfg)
 
 

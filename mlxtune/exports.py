@@ -1,7 +1,7 @@
 """Fuse and export: a trained adapter → a fused HF dir, a PEFT or mlx-lm adapter, or a GGUF file.
 
     fuse(run_dir, out, base=None, quantize=None)               fused model as a HF dir (float; re-quantized on request)
-    export(run_dir, "hf" | "peft" | "mlx-lm" | "gguf", out, base=None, outtype="f16" | "q8_0")
+    export(run_dir, "hf" | "peft" | "mlx-lm" | "gguf" | "hf-base", out, base=None, outtype="f16" | "q8_0")
 
 The input is anything `adapters.read_adapter` reads (an mlxtune run or adapter dir, a PEFT dir, an mlx-lm
 adapter dir), so this also converts between the three adapter formats. The base model defaults to the path
@@ -14,8 +14,16 @@ re-quantize the fused model (merging into the packed integers would lose the ada
 Writers live with their formats: `saving.save_model` (HF dir), `adapters.write_adapter_dir` (PEFT, mlx-lm),
 `gguf.write_gguf` (GGUF).
 
+PEFT and mlx-lm exports are loadable by their consumers as written: when the base is a GGUF (or, for PEFT, an
+mlx-lm quantized dir that transformers cannot read), the dequantized base is written as a float32 Hugging Face
+dir `<out>/base/` and the adapter config points at it by absolute path (`base_model_name_or_path`, `model`);
+otherwise it points at the base's absolute path or hub id. `hf-base` writes only that base dir. Their weights
+carry the base's fingerprint and path in the safetensors metadata (adapters.BASE_FINGERPRINT_KEY), which
+`read_adapter` checks when mlxtune reads them back.
+
 Every input is validated before anything is written; outputs are built beside `out` and swapped into place
-(fsio), so a failure leaves nothing behind. An existing non-empty `out` needs `force=True`.
+(fsio), so a failure leaves nothing behind. `out` follows fsio.check_output: an existing file or non-empty dir
+needs `force=True`, and it may never be an input (the adapter or run dir, the base model) nor inside or around one.
 """
 
 from __future__ import annotations
@@ -29,7 +37,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import fsio, hub
-from .adapters import CONFIG_FILE, PEFT_WEIGHTS_FILE, WEIGHTS_FILE, AdapterSpec, load_adapter, read_adapter, write_adapter_dir
+from .adapters import (BASE_FINGERPRINT_KEY, BASE_PATH_KEY, CONFIG_FILE, PEFT_WEIGHTS_FILE, WEIGHTS_FILE, AdapterSpec,
+                       load_adapter, read_adapter, write_adapter_dir)
 from .config import EXPORT_FORMATS, GGUF_OUTTYPES
 from .errors import AdapterError, ConfigError, ExportError
 from .gguf import write_gguf
@@ -57,6 +66,7 @@ def export(
     mlx-lm: `adapters.safetensors` + `adapter_config.json` for `mlx_lm.load(base, adapter_path=...)`.
     gguf:   the fused model as `<out>/model-<outtype>.gguf` (or `out` itself when it ends in .gguf);
             outtype f16 (default) or q8_0.
+    hf-base: the base model alone, dequantized, as a Hugging Face dir (what PEFT / transformers load).
     """
     if format not in EXPORT_FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
@@ -65,10 +75,11 @@ def export(
     outtype = outtype or "f16"
     if outtype not in GGUF_OUTTYPES:
         raise ExportError(f"unknown GGUF outtype {outtype!r}; choose one of {', '.join(GGUF_OUTTYPES)}")
+    spec = read_adapter(run_dir_or_adapter)
+    fsio.check_output(out, inputs=_inputs(spec, base), force=force)
     out = Path(out).expanduser()
-    _check_out(out, force)
-    written = _write_export(read_adapter(run_dir_or_adapter), format, out, base, outtype, force)
-    if written.is_dir() or written.parent == out:  # a dir export carries its model card (a lone .gguf file does not)
+    written = _write_export(spec, format, out, base, outtype, force)
+    if format in CARD_KIND and (written.is_dir() or written.parent == out):  # a lone .gguf file has no card
         from .modelcard import write_model_card
 
         write_model_card(out, run_dir=run_dir_or_adapter, what=CARD_KIND[format])
@@ -76,7 +87,9 @@ def export(
 
 
 CARD_KIND = {"hf": "fused", "peft": "peft", "mlx-lm": "mlx-lm", "gguf": "gguf"}
-"The model card's kind (modelcard.WHATS) for each export format."
+"The model card's kind (modelcard.WHATS) for each export format (hf-base, the untrained base, has none)."
+BASE_DIR = "base"
+"Where a PEFT / mlx-lm export writes the Hugging Face base its consumer needs (a GGUF base)."
 
 
 def _write_export(spec: AdapterSpec, format: str, out: Path, base: Optional[PathLike], outtype: str,
@@ -84,6 +97,8 @@ def _write_export(spec: AdapterSpec, format: str, out: Path, base: Optional[Path
     """Write the export itself (one atomic file or directory swap); returns what was written."""
     if format in ("peft", "mlx-lm"):
         return _export_adapter(spec, format, out, base, force)
+    if format == "hf-base":
+        return save_model(*base_model(spec, base), out, overwrite=True)  # `out` was checked above
     model, tokenizer = fused_model(spec, base)
     if format == "hf":
         return save_model(model, tokenizer, out, overwrite=True)  # `out` was checked above
@@ -98,16 +113,63 @@ def _write_export(spec: AdapterSpec, format: str, out: Path, base: Optional[Path
 
 
 def _export_adapter(spec: AdapterSpec, format: str, out: Path, base: Optional[PathLike], force: bool) -> Path:
-    """Write `spec` as a PEFT or mlx-lm adapter dir (one directory swap)."""
-    base_path = str(base) if base is not None else spec.base.get("path")
+    """Write `spec` as a PEFT or mlx-lm adapter dir (one directory swap), with `base/` when its consumer cannot
+    read the base as it is (see needs_hf_base)."""
+    base_path = _local_or_hub(base if base is not None else spec.base.get("path"))
+    write_base = needs_hf_base(base_path, format)
+    consumer_base = str(out.resolve() / BASE_DIR) if write_base else base_path
     n_layers = spec.base.get("num_hidden_layers") or _base_num_layers(base_path)
-    if format == "peft":
-        weights, config = to_peft(spec, base_path, n_layers)
-        wfile, meta = PEFT_WEIGHTS_FILE, {"format": "pt"}
-    else:
-        weights, config = to_mlx_lm(spec, base_path, n_layers)
-        wfile, meta = WEIGHTS_FILE, {"format": "mlx"}
-    return write_adapter_dir(out, weights, config, weights_file=wfile, metadata=meta, overwrite=force)
+    convert, wfile, kind = (to_peft, PEFT_WEIGHTS_FILE, "pt") if format == "peft" else (to_mlx_lm, WEIGHTS_FILE, "mlx")
+    weights, config = convert(spec, consumer_base, n_layers)
+    stamp = ((BASE_FINGERPRINT_KEY, spec.base.get("fingerprint")), (BASE_PATH_KEY, base_path))
+    meta = {"format": kind, **{k: str(v) for k, v in stamp if v}}  # read_adapter checks the fingerprint
+    fill = None
+    if write_base:
+        model, tokenizer = base_model(spec, base)  # loaded (and checked) before anything is written
+
+        def fill(tmp: Path) -> None:
+            save_model(model, tokenizer, tmp / BASE_DIR)
+    return write_adapter_dir(out, weights, config, weights_file=wfile, metadata=meta, overwrite=force, fill=fill)
+
+
+def needs_hf_base(base_path: Optional[str], format: str) -> bool:
+    """Whether the consumer of a `format` export cannot load the base as it is: a GGUF file (neither PEFT nor
+    mlx-lm load one as a base), or for PEFT an mlx-lm quantized dir (transformers does not read its layout)."""
+    if not base_path or not Path(base_path).exists():
+        return False
+    p = Path(base_path)
+    if p.is_file():
+        return p.suffix.lower() == ".gguf"
+    if format != "peft":
+        return False
+    try:
+        return "quantization" in json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def base_model(spec: AdapterSpec, base: Optional[PathLike] = None) -> tuple[nn.Module, Any]:
+    """(model, tokenizer): the adapter's base as a float model to save as a Hugging Face dir. A GGUF loads in
+    float32 (its dequantized values exactly, so the written dir has the GGUF's fingerprint); a dir keeps its dtype."""
+    base_path = _base_path(spec, base)
+    model, tokenizer = load(base_path, dtype="float32" if base_path.lower().endswith(".gguf") else None)
+    dequantize(model)
+    return model, tokenizer
+
+
+def describe_export(format: str, written: Path) -> str:
+    """The line the CLI prints: what was written and, for an adapter, which base its consumer loads."""
+    line = f"wrote {format} export to {written}"
+    cfg = written / CONFIG_FILE if format in ("peft", "mlx-lm") else None
+    if cfg is None or not cfg.is_file():
+        return line
+    base = json.loads(cfg.read_text()).get("base_model_name_or_path" if format == "peft" else "model")
+    if base and Path(base).parent == written.resolve():
+        wfile = written / (PEFT_WEIGHTS_FILE if format == "peft" else WEIGHTS_FILE)
+        src = Path(mx.load(str(wfile), return_metadata=True)[1].get(BASE_PATH_KEY, "the base")).name
+        return (f"{line}; base model: {base} (a Hugging Face dir written from {src}, which "
+                f"{'PEFT' if format == 'peft' else 'mlx-lm'} cannot load as a base)")
+    return f"{line}; base model: {base}" if base else f"{line}; no base model recorded: pass it to the loader"
 
 
 def fuse(
@@ -124,9 +186,10 @@ def fuse(
     QuantizeConfig, or just the bits) re-quantizes the fused float model before saving.
     """
     q = _quantize_arg(quantize)
+    spec = read_adapter(run_dir)
+    fsio.check_output(out, inputs=_inputs(spec, base), force=force)
     out = Path(out).expanduser()
-    _check_out(out, force)
-    model, tokenizer = fused_model(run_dir, base)
+    model, tokenizer = fused_model(spec, base)
     if q is not None:
         quantize_model(model, q)
     return save_model(model, tokenizer, out, dequantize=q is None, overwrite=True)  # `out` was checked above
@@ -263,6 +326,24 @@ def _base_path(spec: AdapterSpec, base: Optional[PathLike]) -> str:
     return str(p)
 
 
+def _local_or_hub(path: Optional[PathLike]) -> Optional[str]:
+    """A base path as its consumer needs it: absolute when it exists here, else as given (a hub id)."""
+    if path is None or not str(path):
+        return None
+    p = Path(str(path)).expanduser()
+    return str(p.resolve()) if p.exists() else str(path)
+
+
+def _inputs(spec: AdapterSpec, base: Optional[PathLike]) -> list[Path]:
+    """What fuse / export read, which --out may never be, be inside of, or hold: the adapter's files (so a run's own
+    `RUN/fused` is fine, `RUN` itself is not) and the base."""
+    recorded = base if base is not None else spec.base.get("path")
+    local = _local_or_hub(recorded)
+    adapter = ([spec.path / f for f in (WEIGHTS_FILE, PEFT_WEIGHTS_FILE, CONFIG_FILE, "config.yaml")]
+               if spec.path.is_dir() else [spec.path])
+    return adapter + ([Path(local)] if local and Path(local).exists() else [])
+
+
 def _base_num_layers(base_path: Optional[str]) -> Optional[int]:
     """num_hidden_layers from a local HF base dir's config.json, else None."""
     if not base_path:
@@ -272,10 +353,3 @@ def _base_num_layers(base_path: Optional[str]) -> Optional[int]:
         return int(json.loads(cfg.read_text())["num_hidden_layers"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        if out.is_dir() and not any(out.iterdir()):
-            return
-        raise ExportError(f"{out} already exists and is not empty; choose another --out or pass --force to replace it")

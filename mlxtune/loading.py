@@ -39,7 +39,7 @@ from .config import QuantizeConfig
 from .errors import ConfigError, ModelLoadError
 from .model import Model, ModelArgs
 from .quant import cast_floats, check_dtype, check_quantize, quantize_like, quantize_model
-from .tokenizer import load_tokenizer, require_tokenizer_files
+from .tokenizer import load_tokenizer, unwrap
 
 LEGACY_GGUF_DTYPES = ("float16", "bfloat16")
 "Load dtypes whose GGUF fingerprint, as earlier versions computed it (after the cast), differs from today's."
@@ -68,17 +68,20 @@ def load(
     qcfg = check_quantize(quantize)
     src = resolve_path(path)
     is_gguf = src.is_file() and src.suffix.lower() == ".gguf"
-    metadata = None
+    metadata = tok = None
     if is_gguf:
         model, fingerprints, metadata = _load_gguf(src, dtype, keep_quantized)
+        if tokenizer:
+            from .gguf import gguf_tokenizer
+
+            tok = gguf_tokenizer(src, metadata)
+            check_vocab(model.args, len(metadata.get("tokenizer.ggml.tokens") or ()), src)  # the file's own tokens
     elif src.is_file():
         raise ModelLoadError(f"{src}: not a model dir or .gguf file; pass the directory that holds config.json")
     else:
         if keep_quantized:
             raise ConfigError("keep_quantized applies to GGUF files only; use quantize={bits, group_size} for a HF dir")
-        if tokenizer:
-            require_tokenizer_files(src)  # before the weights: fail fast
-        model, fingerprints = _load_hf_dir(src, dtype)
+        model, fingerprints, tok = _load_hf_dir(src, dtype, tokenizer)
     if qcfg is not None:
         quantize_model(model, qcfg)
     mx.eval(model.parameters())
@@ -89,18 +92,11 @@ def load(
     if fingerprints[1:]:
         source["legacy_fingerprints"] = fingerprints[1:]
     object.__setattr__(model, "source", source)
-    tok = None
-    if tokenizer:
-        if is_gguf:
-            from .gguf import gguf_tokenizer
-
-            tok = gguf_tokenizer(src, metadata)
-        else:
-            tok = load_tokenizer(src)
     if adapter is not None:
         from .adapters import load_adapter
 
         load_adapter(model, adapter)
+        model.eval()  # the LoRA layers load_adapter added start in training mode (dropout on)
     return model, tok
 
 
@@ -124,7 +120,17 @@ def read_config(model_dir: Path) -> dict:
     return fsio.read_json_object(cfg_path, ModelLoadError)
 
 
-def _load_hf_dir(model_dir: Path, dtype: Optional[str]) -> tuple[Model, list[str]]:
+def check_vocab(args: ModelArgs, n: int, where: Path) -> None:
+    """config's vocab_size must hold every id of the tokenizer's `n` tokens (an embedding row per id)."""
+    if n > args.vocab_size:
+        cfg = where / "config.json" if where.is_dir() else where
+        raise ModelLoadError(f"{cfg}: vocab_size={args.vocab_size} is smaller than the tokenizer's {n} tokens "
+                             f"(ids up to {n - 1} would index past the embedding); the config and the tokenizer "
+                             "belong to different models")
+
+
+def _load_hf_dir(model_dir: Path, dtype: Optional[str], tokenizer: bool) -> tuple[Model, list[str], Any]:
+    """(model, fingerprints, tokenizer or None): config.json checked, then the tokenizer against it, then weights."""
     config = read_config(model_dir)
     qc = config.get("quantization_config")
     if isinstance(qc, dict) and qc.get("quant_method") and "quantization" not in config:
@@ -133,6 +139,9 @@ def _load_hf_dir(model_dir: Path, dtype: Optional[str]) -> tuple[Model, list[str
             "supported; load the unquantized model and set model.quantize"
         )
     args = ModelArgs.from_hf_config(config, source=str(model_dir / "config.json"))
+    tok = load_tokenizer(model_dir) if tokenizer else None
+    if tok is not None:
+        check_vocab(args, len(unwrap(tok)), model_dir)
     weights, origin = read_safetensors(model_dir)
     model = Model(args)
     quantization = config.get("quantization")
@@ -142,7 +151,7 @@ def _load_hf_dir(model_dir: Path, dtype: Optional[str]) -> tuple[Model, list[str
     check_weights(model, weights, origin, model_dir)
     fp = fingerprint(weights, quantization)  # before the cast: the same whatever dtype the model is loaded in
     model.load_weights(list(cast_floats(weights, dtype).items()), strict=True)
-    return model, [fp]
+    return model, [fp], tok
 
 
 def _load_gguf(path: Path, dtype: Optional[str], keep_quantized: bool) -> tuple[Model, list[str], dict]:
@@ -201,6 +210,13 @@ def check_weights(model: nn.Module, weights: Mapping[str, mx.array], origin: Map
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
     misshaped = [k for k in weights if k in expected and tuple(weights[k].shape) != expected[k]]
+    floats = {k for k, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)}
+    nonfloat = sorted(k for k in weights if k in floats and not mx.issubdtype(weights[k].dtype, mx.floating))
+    if nonfloat and not (missing or unexpected or misshaped):
+        k = nonfloat[0]
+        raise ModelLoadError(f"{where}: {k} in {origin.get(k, '?')} is {str(weights[k].dtype).rsplit('.', 1)[-1]}, "
+                             f"not a float weight ({len(nonfloat)} such tensor(s)); the weight files are corrupt or "
+                             "come from a format mlxtune does not read")
     if not (missing or unexpected or misshaped):
         return
     problems = [f"missing {k} (expected shape {expected[k]})" for k in missing]

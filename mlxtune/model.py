@@ -30,6 +30,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import ModelLoadError
+from .modelconfig import CONFIG_MAXIMA, check_config_domains
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 
@@ -63,10 +64,8 @@ class ModelArgs:
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ModelLoadError(
-                f"config.json: num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads}"
-            )
+            raise ModelLoadError(f"config.json: num_attention_heads={self.num_attention_heads} is not a multiple of "
+                                 f"num_key_value_heads={self.num_key_value_heads}")
 
     @property
     def qkv_bias(self) -> bool:
@@ -87,10 +86,8 @@ class ModelArgs:
         config = dict(config)
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ModelLoadError(
-                f"{source}: model_type {model_type!r} is not supported; mlxtune runs "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama 3.x, Qwen2/2.5)"
-            )
+            raise ModelLoadError(f"{source}: model_type {model_type!r:.40} is not supported; mlxtune runs "
+                                 f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama 3.x, Qwen2/2.5)")
         if config.get("use_sliding_window"):
             raise ModelLoadError(f"{source}: use_sliding_window=true is not supported (Qwen2 sliding-window attention)")
         rope_params = config.pop("rope_parameters", None)
@@ -108,20 +105,16 @@ class ModelArgs:
             raise ModelLoadError(f"{source}: missing required field(s) {', '.join(missing)}")
         kwargs = {k: v for k, v in config.items() if k in known}
         extra = {k: v for k, v in config.items() if k not in known}
-        for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size",
-                  "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        for k in CONFIG_MAXIMA:
             v = kwargs.get(k)
             if isinstance(v, float) and v.is_integer():
                 kwargs[k] = v = int(v)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-                raise ModelLoadError(f"{source}: {k}: expected a positive integer, got {v!r}")
+                raise ModelLoadError(f"{source}: {k}: expected a positive integer, got {v!r:.60}")
+        check_config_domains(kwargs, source)
         scaling = kwargs.get("rope_scaling")
-        if scaling:
-            rtype = scaling.get("rope_type", scaling.get("type", "default"))
-            if rtype not in ("default", "llama3", "linear"):
-                raise ModelLoadError(f"{source}: rope_scaling type {rtype!r} is not supported (llama3, linear, default)")
-            if rtype == "default":
-                kwargs["rope_scaling"] = None
+        if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+            kwargs["rope_scaling"] = None
         try:
             return cls(**kwargs, extra=extra)
         except TypeError as e:  # wrong value types

@@ -180,4 +180,28 @@ def save_model(
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             unwrap(tokenizer).save_pretrained(str(tmp))
+            portable_tokenizer_config(tmp)
     return out
+
+
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+"What tokenizer_config.json names when transformers 5 wrote its generic backend class (4.x cannot load that)."
+_LOAD_TIME_KEYS = ("is_local", "local_files_only")  # where transformers 5 loaded it from, not what the tokenizer is
+
+
+def portable_tokenizer_config(model_dir: Path) -> None:
+    """Make a saved tokenizer_config.json load in transformers 4.4x-4.5x, 5.x and mlx-lm: a real tokenizer class
+    (`PreTrainedTokenizerFast` for transformers 5's generic `TokenizersBackend`), the chat template inline as
+    well (4.x before 4.49 reads it only there) and no load-time keys."""
+    path = model_dir / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    cfg = json.loads(path.read_text())
+    if cfg.get("tokenizer_class") in (None, "TokenizersBackend"):
+        cfg["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+    for key in _LOAD_TIME_KEYS:
+        cfg.pop(key, None)
+    jinja = model_dir / "chat_template.jinja"
+    if "chat_template" not in cfg and jinja.is_file():
+        cfg["chat_template"] = jinja.read_text()
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")

@@ -358,3 +358,36 @@ def test_replace_writes_one_dir_swap(saved_adapter, tiny_llama_dir, tmp_path, mo
     _save_again(model, best, replace=True, extra_files={"best.json": {"step": 6}})
     assert (best / CONFIG_FILE).read_text() != first and json.loads((best / "best.json").read_text()) == {"step": 6}
     assert read_adapter(best).rank == 4
+
+
+def test_non_finite_and_non_float_weights_refused():
+    from mlxtune.adapters import check_finite
+
+    ok = {"a.lora_a": mx.ones((4, 2)), "a.lora_b": mx.zeros((2, 4))}
+    check_finite(ok, "x")  # finite float weights pass
+    for value in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(AdapterError, match=r"^w\.safetensors: a\.lora_b holds NaN or inf \(1 such tensor"):
+            check_finite({**ok, "a.lora_b": mx.array([[0.0, value, 0.0, 0.0]] * 2)}, "w.safetensors")
+    with pytest.raises(AdapterError, match="a.lora_a is int32, not a float weight"):
+        check_finite({**ok, "a.lora_a": mx.ones((4, 2), dtype=mx.int32)}, "w.safetensors")
+
+
+@pytest.mark.parametrize("fmt", ["peft", "mlx-lm"])
+def test_exports_carry_the_base_fingerprint(fmt, saved_adapter, tiny_llama_dir, tmp_path):
+    """PEFT / mlx-lm exports stamp the base's fingerprint and path; read back, it is checked like mlxtune's own
+    (a match loads, a mismatch is the usual "different base model" error, none at all is accepted as before)."""
+    from mlxtune.adapters import BASE_FINGERPRINT_KEY, BASE_PATH_KEY, PEFT_WEIGHTS_FILE
+    from mlxtune.exports import export
+
+    out = export(saved_adapter, fmt, tmp_path / "exp")
+    wfile = out / (PEFT_WEIGHTS_FILE if fmt == "peft" else WEIGHTS_FILE)
+    w, meta = mx.load(str(wfile), return_metadata=True)
+    spec = read_adapter(saved_adapter)
+    assert meta[BASE_FINGERPRINT_KEY] == spec.base["fingerprint"] and meta[BASE_PATH_KEY] == str(tiny_llama_dir.resolve())
+    assert read_adapter(out).base["fingerprint"] == spec.base["fingerprint"]
+    load_adapter(load_base(tiny_llama_dir)[0], out)  # the same base: accepted
+    mx.save_safetensors(str(wfile), dict(w), metadata={**meta, BASE_FINGERPRINT_KEY: "0" * 16})
+    with pytest.raises(AdapterError, match="trained on a different base model"):
+        load_adapter(load_base(tiny_llama_dir)[0], out)
+    mx.save_safetensors(str(wfile), dict(w), metadata={"format": meta["format"]})  # a foreign export: no stamp
+    load_adapter(load_base(tiny_llama_dir)[0], out)

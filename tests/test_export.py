@@ -176,6 +176,52 @@ def test_fuse_quantized_base(tiny_qwen_dir, tmp_path):
     assert err <= 2e-2 and err < rel_err(base_logits, want) / 5  # quantization noise, not a lost adapter
 
 
+def test_fused_dir_tokenizer_loads_in_transformers_and_mlx_lm(tiny_qwen_dir, tmp_path):
+    """tokenizer_config.json names a real class (transformers 4.x cannot load 5.x's `TokenizersBackend`; the 4.x
+    check itself is benchmarks/check_transformers4.py), carries the chat template inline, and loads in 5.x + mlx-lm."""
+    import mlx_lm
+    from transformers import AutoConfig, AutoTokenizer
+
+    _run(tiny_qwen_dir, tmp_path / "run", targets=("q", "v"))
+    fused_dir = fuse(tmp_path / "run", tmp_path / "fused")
+    cfg = json.loads((fused_dir / "tokenizer_config.json").read_text())
+    assert cfg["tokenizer_class"] in ("Qwen2Tokenizer", "PreTrainedTokenizerFast")  # the model's own, or generic
+    assert "is_local" not in cfg and "local_files_only" not in cfg
+    assert cfg["chat_template"] == (fused_dir / "chat_template.jinja").read_text()
+    tok = AutoTokenizer.from_pretrained(str(fused_dir))
+    src = AutoTokenizer.from_pretrained(str(tiny_qwen_dir))
+    msgs = [{"role": "user", "content": "2 + 2?"}]
+    assert tok.apply_chat_template(msgs, tokenize=False) == src.apply_chat_template(msgs, tokenize=False)
+    assert tok("hello world")["input_ids"] == src("hello world")["input_ids"]
+    assert AutoConfig.from_pretrained(str(fused_dir)).model_type == "qwen2"
+    model, mtok = mlx_lm.load(str(fused_dir))
+    assert mtok.encode("hello world") == src.encode("hello world")
+
+
+def test_peft_export_of_an_mlx_quantized_base_writes_a_float_base(tiny_qwen_dir, tmp_path, capsys):
+    """transformers cannot read mlx-lm's quantized layout: the PEFT export writes the base (dequantized) beside
+    the adapter and points at it; PEFT then gives the logits of the adapter over that dequantized base."""
+    from peft import PeftModel
+
+    from mlxtune.saving import save_model
+
+    qmodel, tok = load_base(tiny_qwen_dir, quantize={"bits": 8, "group_size": 32}, tokenizer=True)
+    qdir = save_model(qmodel, tok, tmp_path / "q8", dequantize=False)
+    assert "quantization" in json.loads((qdir / "config.json").read_text())
+    _, ids, _, _ = _run(qdir, tmp_path / "run", targets=("q", "v"))
+    assert _cli("export", tmp_path / "run", "--format", "peft", "--out", tmp_path / "peft") == 0
+    assert "a Hugging Face dir written from q8, which PEFT cannot load as a base" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    base = tmp_path / "peft" / "base"
+    assert cfg["base_model_name_or_path"] == str(base.resolve())
+    assert "quantization" not in json.loads((base / "config.json").read_text())
+    model, _ = load_base(base)  # mlxtune's view of the same function: adapter over the float base
+    load_adapter(model, tmp_path / "run", check_fingerprint=False)  # (trained on the quantized weights)
+    want = logits(model, ids)
+    got = torch_logits(PeftModel.from_pretrained(_hf(base), str(tmp_path / "peft")).eval(), ids)
+    assert rel_err(got, want) <= 1e-4
+
+
 # --- errors and output handling ---------------------------------------------------------------------------
 
 
@@ -241,12 +287,12 @@ def test_cli_out_exists_and_force(small_run, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     assert _cli("export", small_run, "--format", "peft", "--out", out) == 0  # an empty dir is fine
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     (out / "stale.txt").write_text("old")
     assert _cli("export", small_run, "--format", "mlx-lm", "--out", out) == 2
     assert "already exists" in capsys.readouterr().err and (out / "stale.txt").exists()
     assert _cli("export", small_run, "--format", "mlx-lm", "--out", out, "--force") == 0
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapters.safetensors"]  # replaced whole
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapters.safetensors"]  # replaced whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp dirs left behind
 
     q = tmp_path / "q8"

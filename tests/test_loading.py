@@ -274,3 +274,41 @@ def test_adapter_round_trip(tiny_dir, tmp_path, ids):
                           rank=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj"], layers=None)
     again, _ = load(tiny_dir, adapter=tmp_path / "adapter", tokenizer=False)
     assert np.array_equal(mlx_logits(again, ids), want)
+
+
+REAL_CONFIGS = {  # the architecture fields of real released models: none may be refused
+    "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "llama-3.1-405b": dict(model_type="llama", hidden_size=16384, num_hidden_layers=126, intermediate_size=53248,
+                           num_attention_heads=128, num_key_value_heads=8, vocab_size=128256),
+    "qwen2.5-72b": dict(model_type="qwen2", hidden_size=8192, num_hidden_layers=80, intermediate_size=29568,
+                        num_attention_heads=64, num_key_value_heads=8, vocab_size=152064, rope_theta=1e6,
+                        max_position_embeddings=32768, rms_norm_eps=1e-6),
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, num_hidden_layers=30, intermediate_size=1536,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, head_dim=64),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_CONFIGS))
+def test_config_domains_accept_real_models(name):
+    from mlxtune.model import ModelArgs
+
+    args = ModelArgs.from_hf_config(REAL_CONFIGS[name], source=f"{name}/config.json")
+    assert args.head_dim in (64, 128)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_key_value_heads": 64}, "num_key_value_heads=64 is more than num_attention_heads=32"),
+    ({"hidden_size": 4100}, "num_attention_heads=32 does not divide hidden_size=4100"),
+    ({"rope_theta": float("nan")}, "rope_theta: expected a finite positive number, got nan"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": float("inf")}}, "rope_scaling.factor: expected a finite"),
+    ({"vocab_size": 10**40}, "vocab_size=" + "1" + "0" * 39 + " is larger than any model can be"),
+])
+def test_config_domains_refuse_impossible_values(change, message):
+    from mlxtune.model import ModelArgs
+
+    with pytest.raises(ModelLoadError, match="^m/config.json: " + message.replace("(", r"\(").replace(".", r"\.")):
+        ModelArgs.from_hf_config({**REAL_CONFIGS["llama-3.1-8b"], **change}, source="m/config.json")

@@ -1,7 +1,7 @@
 """`mlxtune fuse` and `mlxtune export`: arguments → exports.py → one line saying what was written.
 
     mlxtune fuse RUN_DIR --out DIR [--base PATH] [--quantize-bits N [--group-size G]] [--force]
-    mlxtune export RUN_DIR --format hf|peft|mlx-lm|gguf --out DIR [--base PATH] [--outtype f16|q8_0] [--force]
+    mlxtune export RUN_DIR --format hf|peft|mlx-lm|gguf|hf-base --out DIR [--base PATH] [--outtype f16|q8_0] [--force]
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def register(sub: Any) -> None:
     )
     e.add_argument("run_dir", metavar="RUN_DIR", help="run dir or adapter dir")
     e.add_argument("--format", required=True, choices=EXPORT_FORMATS,
-                   help="hf: fused model; peft / mlx-lm: adapter; gguf: fused model for llama.cpp")
+                   help="hf: fused model; peft / mlx-lm: adapter (+ base/ when the base is a GGUF); gguf: fused "
+                   "model for llama.cpp; hf-base: the dequantized base model as a Hugging Face dir")
     e.add_argument("--out", required=True, metavar="DIR", help="output dir (gguf: a dir, or a file ending in .gguf)")
     e.add_argument("--base", metavar="PATH", help="base model (default: the path recorded in adapter_config.json)")
     e.add_argument("--outtype", choices=GGUF_OUTTYPES, help="GGUF weight type (default f16)")
@@ -58,8 +59,8 @@ def run_fuse(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     """`mlxtune export`: convert or fuse; prints what was written."""
-    from ..exports import export
+    from ..exports import describe_export, export
 
     out = export(args.run_dir, args.format, args.out, base=args.base, outtype=args.outtype, force=args.force)
-    print(f"wrote {args.format} export to {out}")
+    print(describe_export(args.format, out))
     return 0

@@ -178,6 +178,8 @@ def _tensor_table(cur: _Cursor, n_tensors: int) -> dict[str, tuple[tuple[int, ..
         if not 1 <= n_dims <= MAX_DIMS:
             raise cur.fail(f"tensor {name!r} has {n_dims} dimensions")
         dims = [cur.scalar("<Q", "a tensor dimension") for _ in range(n_dims)]
+        if 0 in dims:
+            raise cur.fail(f"tensor {name[:60]!r} has a dimension of 0")
         ttype, offset = cur.scalar("<I", "a tensor type"), cur.scalar("<Q", "a tensor offset")
         if ttype not in sizes:
             raise ModelLoadError(f"{cur.path}: tensor {name!r} has ggml type {ttype}, which this gguf package does "
@@ -230,11 +232,16 @@ def _parse_header(buf, path: Path, max_array: Optional[int]) -> GGUFHeader:
         raise cur.fail(f"general.alignment is {align!r}")
     data_offset = -(-cur.pos // align) * align
     tensors = {}
-    for name, (shape, ttype, offset, nbytes) in table.items():
+    previous_end, previous = 0, None
+    for name, (shape, ttype, offset, nbytes) in sorted(table.items(), key=lambda kv: kv[1][2]):
         end = data_offset + offset + nbytes
         if end > cur.size:
-            raise ModelLoadError(f"{path}: the GGUF file is truncated (tensor {name!r} ends at byte {end}, past the "
-                                 f"end of the {cur.size}-byte file); download it again")
+            raise ModelLoadError(f"{path}: the GGUF file is truncated (tensor {name[:60]!r} ends at byte {end}, past "
+                                 f"the end of the {cur.size}-byte file); download it again")
+        if offset % align or offset < previous_end:  # misplaced data would load as garbage weights
+            why = f"is not a multiple of the alignment {align}" if offset % align else f"overlaps tensor {previous[:60]!r}"
+            raise cur.fail(f"tensor {name[:60]!r}: its data offset {offset} {why}")
+        previous_end, previous = offset + nbytes, name
         tensors[name] = TensorInfo(shape, ttype, data_offset + offset, nbytes)
     return GGUFHeader(version=version, metadata=metadata, tensors=tensors, data_offset=data_offset)
 
@@ -341,6 +348,11 @@ def read_stored(path: PathLike, keep_quantized: bool = False) -> GGUFContents:
             return None
         return next((h for part, h in heads.items() if part in name), None)
 
+    for gname in list(raw) + list(triples):  # the header's head counts must split the Q/K rows they permute
+        h, rows = heads_for(hf_name(gname) or gname), (raw.get(gname) if gname in raw else triples[gname][0]).shape[0]
+        if h and rows % (2 * h):
+            raise ModelLoadError(f"{path}: tensor {gname[:60]!r} has {rows} rows, which {h} attention heads cannot "
+                                 "split: the header's head counts do not match the weights")
     weights: dict[str, mx.array] = {}
     per_module: dict[str, dict] = {}
     for gname, arr in raw.items():
