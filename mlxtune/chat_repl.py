@@ -1,8 +1,9 @@
 """Multi-turn chat: `ChatSession` (a conversation whose KV cache persists across turns) and `chat(...)`, the
 interactive loop behind `mlxtune chat`.
 
-Each turn renders the whole conversation under the tokenizer's chat template and feeds the model only the tokens
-its KV cache does not already hold. The module is named chat_repl (not chat) so that importing it never shadows
+Each turn renders the whole conversation under the run's template (generation.PromptStyle; default the tokenizer's
+chat template) and feeds the model only the tokens its KV cache does not already hold. A reply cut by the token
+limit is marked `[cut at N tokens: --max-tokens]`. The module is named chat_repl (not chat) so that importing it never shadows
 the `mlxtune.chat` API function. The REPL is a user interface, so it writes to the streams it is given.
 """
 
@@ -15,7 +16,7 @@ from typing import Any, Callable, Optional, TextIO
 import mlx.nn as nn
 
 from .errors import ConfigError
-from .generation import encode_prompt, has_chat_template, inference_mode, make_sampler, wrap_tokenizer
+from .generation import PromptStyle, encode_prompt, has_chat_template, inference_mode, make_sampler, wrap_tokenizer
 
 CHAT_HELP = "Commands: /reset (new conversation), /system TEXT (set the system prompt; new conversation), /exit (or Ctrl-D)."
 
@@ -36,9 +37,15 @@ class TurnStats:
         return (f"prompt {self.prompt_tokens} tokens ({self.cached_tokens} cached), {self.prompt_tps:.1f} tok/s | "
                 f"{self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s")
 
+    @property
+    def cut(self) -> bool:
+        """Whether the reply stopped at the token limit rather than at a stop token."""
+        return self.finish_reason == "length"
+
 
 class ChatSession:
-    """A multi-turn conversation under the tokenizer's chat template, with a KV cache kept across turns.
+    """A multi-turn conversation under `style`'s template (default: the tokenizer's chat template), with a KV
+    cache kept across turns.
 
     Each turn renders the whole conversation, keeps the longest prefix the cache already holds (trimming the
     rest: a template may re-tokenize an earlier reply differently than it was generated) and feeds only the
@@ -46,10 +53,15 @@ class ChatSession:
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, system: Optional[str] = None, max_tokens: int = 512,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: Optional[int] = None):
-        if not has_chat_template(tokenizer):
+                 temperature: float = 0.0, top_p: float = 1.0, seed: Optional[int] = None,
+                 style: Optional[PromptStyle] = None):
+        self.style = style or PromptStyle()
+        if self.style.template == "tokenizer" and not has_chat_template(tokenizer):
             raise ConfigError("the tokenizer has no chat template, so it cannot hold a conversation; "
                               "use `mlxtune generate --raw` for plain-text completion")
+        if self.style.template_name(tokenizer) == "raw":
+            raise ConfigError("this run was trained on plain text or completions without a chat template, so it cannot "
+                              "hold a conversation; use `mlxtune generate --adapter RUN --prompt TEXT`")
         self.model, self.tokenizer = model, tokenizer
         self.system = system
         self.max_tokens, self.temperature, self.top_p = max_tokens, temperature, top_p
@@ -93,7 +105,7 @@ class ChatSession:
         from mlx_lm.generate import stream_generate
 
         messages = self.conversation() + [{"role": "user", "content": text}]
-        ids = encode_prompt(self.tokenizer, messages)
+        ids = encode_prompt(self.tokenizer, messages, style=self.style)
         common = self._reuse_cache(ids)
         generated: list[int] = []
         pieces: list[str] = []
@@ -145,11 +157,13 @@ def chat(
     input_fn: Callable[[str], str] = input,
     out: Optional[TextIO] = None,
     err: Optional[TextIO] = None,
+    style: Optional[PromptStyle] = None,
 ) -> None:
-    """Interactive chat: read a line, stream the reply, show tokens/s; /reset, /system TEXT, /exit."""
+    """Interactive chat: read a line, stream the reply, show tokens/s; /reset, /system TEXT, /exit. `style`: the
+    template prompts are rendered with (a run's: generation.prompt_style; default the tokenizer's)."""
     out, err = out or sys.stdout, err or sys.stderr
     session = ChatSession(model, tokenizer, system=system, max_tokens=max_tokens, temperature=temperature,
-                          top_p=top_p, seed=seed)
+                          top_p=top_p, seed=seed, style=style)
     print(CHAT_HELP, file=err, flush=True)
 
     def write(text: str) -> None:
@@ -181,4 +195,6 @@ def chat(
             print("[interrupted; this turn was dropped]", file=err, flush=True)
             continue
         write("\n")
+        if stats.cut:
+            print(f"[cut at {stats.generation_tokens} tokens: --max-tokens]", file=err, flush=True)
         print(f"[{stats}]", file=err, flush=True)

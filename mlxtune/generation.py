@@ -6,8 +6,11 @@
   length, left-padded into rows of an `mlx_lm` `BatchKVCache` (its mask hides the padding and its per-row
   offsets give every row RoPE positions 0, 1, ... from its first real token), and each row stops at its own
   stop token. Greedy outputs equal one-at-a-time generation (tests/test_generate.py);
-- `resolve(model, adapter)` / `load_for_inference(...)`: the base model named by an adapter's run dir, loaded
-  as it was trained (shared by generate, chat and eval).
+- `resolve(model, adapter)` / `load_for_inference(...)`: the base model named by an adapter's run dir (read with
+  runs.run_config: works from any folder), loaded as it was trained (shared by generate, chat and eval);
+- `PromptStyle`: prompts are rendered with the template the run was trained with (`data.template` of its
+  config.yaml: alpaca, chatml, llama3, a .jinja file or the tokenizer's), through the data package's Encoder, the
+  one renderer training uses; without a run, the tokenizer's chat template.
 
 The multi-turn chat (`ChatSession`, the REPL) lives in chat_repl.py; the commands in cli/generate.py.
 
@@ -28,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +39,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from .errors import ConfigError
+from .errors import ConfigError, ModelLoadError
+from .runs import find_run_config, run_config
 from .tokenizer import stop_token_ids, unwrap
 
 Prompt = Union[str, Sequence[int], Sequence[dict]]
@@ -65,13 +68,60 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(unwrap(tokenizer), "chat_template", None))
 
 
-def encode_prompt(tokenizer: Any, prompt: Prompt, *, system: Optional[str] = None, raw: bool = False) -> list[int]:
+@dataclass(frozen=True)
+class PromptStyle:
+    """How prompts are rendered: `data.template` (auto, tokenizer, alpaca, chatml, llama3 or a .jinja file) for
+    records of format `fmt`, with the run's `data.system_prompt` (see data/templates.py for how auto resolves)."""
+
+    template: str = "tokenizer"
+    fmt: str = "messages"
+    system_prompt: Optional[str] = None
+
+    def encoder(self, tokenizer: Any, system: Optional[str] = None) -> Any:
+        from .data.encode import Encoder
+
+        return Encoder(tokenizer, self.template, system_prompt=system if system is not None else self.system_prompt)
+
+    def template_name(self, tokenizer: Any) -> str:
+        """The template that renders this style's prompts (`raw`: none, the prompt is plain text)."""
+        return self.encoder(tokenizer).template_for(self.fmt)[0]
+
+
+def prompt_style(cfg: Any) -> PromptStyle:
+    """The PromptStyle of a run's Config: its data.template, system prompt and record format (data.format, or for
+    auto the format of the training file's first record, as training detected it)."""
+    data = cfg.data
+    return PromptStyle(data.template, data.format if data.format != "auto" else _detect_format(data.train),
+                       data.system_prompt)
+
+
+def _detect_format(train: str) -> str:
+    """The format of the first record of a local training file (or dir's train file); messages when unknown."""
+    from .data.formats import detect_format
+    from .data.sources import read_lines, split_files
+    from .errors import MlxtuneError
+
+    p = Path(train).expanduser() if train else None
+    if p is None or not p.exists():
+        return "messages"
+    try:
+        f = (split_files(p).get("train") or [None])[0] if p.is_dir() else p
+        lines = read_lines(f) if f is not None else []
+    except (MlxtuneError, OSError):
+        return "messages"
+    return next((fm for fm in (detect_format(l.value) for l in lines if l.error is None) if fm), "messages")
+
+
+def encode_prompt(tokenizer: Any, prompt: Prompt, *, system: Optional[str] = None, raw: bool = False,
+                  style: Optional[PromptStyle] = None) -> list[int]:
     """Token ids for a prompt: a string (one user turn), a list of {role, content} messages, or ids as is.
 
-    Strings and messages go through the tokenizer's chat template with the generation prompt appended
-    (rendered to text, then encoded without adding special tokens: the template writes BOS itself). With
-    `raw=True` a string is encoded as plain text (BOS added as the tokenizer does).
+    Strings and messages are rendered with the generation prompt appended by `style`'s template (default: the
+    tokenizer's chat template) through the data package's Encoder, exactly as training renders a record's
+    prompt. With `raw=True` a string is encoded as plain text (BOS added as the tokenizer does).
     """
+    from .data.records import BadRecord, Record
+
     tok = unwrap(tokenizer)
     if not isinstance(prompt, str) and len(prompt) and not isinstance(prompt[0], (str, dict)):
         return [int(t) for t in prompt]
@@ -79,13 +129,23 @@ def encode_prompt(tokenizer: Any, prompt: Prompt, *, system: Optional[str] = Non
         if not isinstance(prompt, str):
             raise ConfigError("raw=True takes a plain string prompt, not messages")
         return list(tok.encode(prompt, add_special_tokens=True))
-    if not has_chat_template(tok):
+    style = style or PromptStyle()
+    if style.template == "tokenizer" and not has_chat_template(tok):
         raise ConfigError("the tokenizer has no chat template; pass raw=True (CLI: --raw) to use the prompt as plain text")
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
-    if system is not None and not (messages and messages[0].get("role") == "system"):
-        messages.insert(0, {"role": "system", "content": system})
-    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return list(tok.encode(text, add_special_tokens=False))
+    enc = style.encoder(tok, system)
+    try:
+        if enc.template_for(style.fmt)[0] == "raw":  # trained on plain text / completions without a template
+            users = [m for m in messages if m.get("role") != "system"]
+            if len(users) != 1:
+                raise ConfigError("this run was trained without a chat template (plain text or completions): "
+                                  "it takes one prompt, not a conversation")
+            record = Record(completion=(str(users[0].get("content", "")), ""))
+        else:
+            record = Record(messages=messages + [{"role": "assistant", "content": ""}])
+        return list(enc.prompt(record, style.fmt)[0])
+    except BadRecord as e:
+        raise ConfigError(f"prompt: {e.detail}{'; ' + e.fix if e.fix else ''}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -159,16 +219,18 @@ def stream(
     system: Optional[str] = None,
     raw: bool = False,
     prompt_cache: Optional[list] = None,
+    style: Optional[PromptStyle] = None,
 ) -> Iterator[Any]:
     """Yield mlx-lm `GenerationResponse`s (`.text` segment, `.token`, `.finish_reason`, tokens/s) for one prompt.
 
     Stops at any of the stop tokens (the stop token itself is not in the text) or after `max_tokens`.
     `prompt_cache` (from `model.make_cache()`) is updated in place: pass the same one to continue a conversation.
+    `style`: the template prompts are rendered with (a run's: `prompt_style(cfg)`; default the tokenizer's).
     """
     from mlx_lm.generate import stream_generate
 
     check_sampling(max_tokens)
-    ids = encode_prompt(tokenizer, prompt, system=system, raw=raw)
+    ids = encode_prompt(tokenizer, prompt, system=system, raw=raw, style=style)
     if not ids:
         raise ConfigError("the prompt is empty")
     wrapper = wrap_tokenizer(tokenizer, model)
@@ -178,11 +240,12 @@ def stream(
 
 
 def generate(model: nn.Module, tokenizer: Any, prompt: Prompt, max_tokens: int = 256, temperature: float = 0.0,
-             top_p: float = 1.0, *, seed: Optional[int] = None, system: Optional[str] = None, raw: bool = False) -> str:
+             top_p: float = 1.0, *, seed: Optional[int] = None, system: Optional[str] = None, raw: bool = False,
+             style: Optional[PromptStyle] = None) -> str:
     """The completion of one prompt (a string is one user turn under the chat template unless `raw`);
     the arguments are `stream`'s."""
     return "".join(r.text for r in stream(model, tokenizer, prompt, max_tokens, temperature, top_p,
-                                            seed=seed, system=system, raw=raw))
+                                            seed=seed, system=system, raw=raw, style=style))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -204,13 +267,14 @@ def generate_batch(
     seed: Optional[int] = 0,
     batch_size: int = 8,
     stop_ids: Optional[set[int]] = None,
+    on_batch: Optional[Callable[[int], None]] = None,
 ) -> list[list[int]]:
     """Generated token ids for each prompt (token-id lists), in input order, stop token excluded.
 
     Prompts are sorted by length and generated `batch_size` at a time (left-padded, see the module doc);
     a row leaves the batch at its first stop token or after `max_tokens`. Greedy by default: the result is
     the same as generating each prompt alone. With temperature > 0 the draws depend on `seed` and on how
-    prompts fall into batches.
+    prompts fall into batches. `on_batch(n)` is called after each batch with its number of prompts (progress).
     """
     check_sampling(max_tokens)
     if batch_size < 1:
@@ -226,6 +290,8 @@ def generate_batch(
             rows = order[s : s + batch_size]
             for i, ids in zip(rows, _generate_rows(model, [list(prompts[i]) for i in rows], max_tokens, sampler, stops)):
                 out[i] = ids
+            if on_batch is not None:
+                on_batch(len(rows))
     return out
 
 
@@ -285,64 +351,75 @@ class Resolved:
     adapter: Optional[str]
     run_config: Optional[Any]  # mlxtune.config.Config
 
-
-def find_run_config(adapter: Union[str, Path]) -> Optional[Path]:
-    """The run's config.yaml for a run dir, or for a checkpoint dir inside one (run/checkpoints/step_N)."""
-    p = Path(adapter)
-    for d in (p, p.parent, p.parent.parent):
-        if (d / "config.yaml").is_file():
-            return d / "config.yaml"
-    return None
+    @property
+    def style(self) -> Optional[PromptStyle]:
+        """The prompt template the run was trained with (None without a run: the tokenizer's chat template)."""
+        return prompt_style(self.run_config) if self.run_config is not None else None
 
 
-def run_config_of(adapter: Union[str, Path]) -> Optional[Any]:
-    """The run's Config for an adapter inside a run dir (see find_run_config), else None."""
-    cfg_path = find_run_config(adapter)
-    if cfg_path is None:
+def run_config_of(adapter: Union[str, Path], *, model: Optional[str] = None, require_base: bool = True) -> Optional[Any]:
+    """The run's Config (paths resolved: runs.run_config) for an adapter inside a run dir (see
+    runs.find_run_config), else None."""
+    if find_run_config(adapter) is None:
         return None
-    from .config import load_config
-
-    return load_config(cfg_path)
+    return run_config(adapter, model=model, require_base=require_base)
 
 
 def _adapter_base_model(adapter: Union[str, Path]) -> Optional[str]:
-    """The base model an adapter_config.json names (mlxtune: {"path": ...}; PEFT: base_model_name_or_path)."""
+    """The base model an adapter_config.json names (mlxtune: {"path": ...}; PEFT: base_model_name_or_path);
+    a recorded local path that is gone is one line naming the file and --model."""
+    from .fsio import read_json_object
+    from .hub import is_hub_id
+
     meta = Path(adapter) / "adapter_config.json"
     if not meta.is_file():
         return None
-    cfg = json.loads(meta.read_text())
+    cfg = read_json_object(meta, ConfigError)
     base = cfg.get("base_model")
-    return (base.get("path") if isinstance(base, dict) else base) or cfg.get("base_model_name_or_path")
+    path = (base.get("path") if isinstance(base, dict) else base) or cfg.get("base_model_name_or_path")
+    if isinstance(path, str) and path and not Path(path).expanduser().exists() and not is_hub_id(path):
+        shown = path if len(path) <= 60 else path[:57] + "..."
+        raise ModelLoadError(f"{meta}: the base model {shown!r} it records does not exist; pass --model PATH to use "
+                             f"the base where it is now")
+    return path if isinstance(path, str) else None
 
 
 def resolve(model: Optional[str], adapter: Optional[str]) -> Resolved:
-    """Fill in the base model from the adapter's run dir (config.yaml) or adapter_config.json when omitted."""
-    run_config = None
+    """Fill in the base model from the adapter's run dir (config.yaml) or adapter_config.json when omitted;
+    `model` (--model) replaces the recorded base."""
+    run_cfg = None
     if adapter is not None:
-        if not Path(adapter).exists():
+        if not Path(adapter).expanduser().exists():
             raise ConfigError(f"--adapter {adapter}: no such file or directory")
-        run_config = run_config_of(adapter)
-        if model is None and run_config is not None and run_config.model.path:
-            model = run_config.model.path
+        run_cfg = run_config_of(adapter, model=model)
+        if model is None and run_cfg is not None and run_cfg.model.path:
+            model = run_cfg.model.path
         if model is None:
             model = _adapter_base_model(adapter)
     if not model:
         raise ConfigError("no model: pass --model PATH (a HF model dir or .gguf), or --adapter RUN_DIR of a training run")
-    return Resolved(str(model), adapter, run_config)
+    return Resolved(str(model), adapter, run_cfg)
+
+
+def load_resolved(r: Resolved, dtype: Optional[str] = None, *, with_adapter: bool = True) -> tuple[nn.Module, Any]:
+    """(model, tokenizer) for a Resolved, in eval mode; a run's dtype and quantization are applied (the model is
+    used as it was trained) unless `dtype` is given."""
+    from .loading import load
+
+    kw: dict = {}
+    if r.run_config is not None:
+        kw = {"dtype": r.run_config.model.dtype, "quantize": r.run_config.model.quantize}
+    if dtype is not None:
+        kw["dtype"] = dtype
+    m, tok = load(r.model, adapter=r.adapter if with_adapter else None, **kw)
+    m.eval()
+    return m, tok
 
 
 def load_for_inference(model: Optional[str], adapter: Optional[str], dtype: Optional[str] = None, *,
                        with_adapter: bool = True) -> tuple[nn.Module, Any, Resolved]:
     """(model, tokenizer, Resolved): the base model (with the adapter applied unless `with_adapter=False`),
     in eval mode. A run dir's config supplies dtype and quantization, so the model is evaluated as trained."""
-    from .loading import load
-
     r = resolve(model, adapter)
-    kw: dict = {}
-    if r.run_config is not None and Path(r.model) == Path(r.run_config.model.path or "."):
-        kw = {"dtype": r.run_config.model.dtype, "quantize": r.run_config.model.quantize}
-    if dtype is not None:
-        kw["dtype"] = dtype
-    m, tok = load(r.model, adapter=r.adapter if with_adapter else None, **kw)
-    m.eval()
+    m, tok = load_resolved(r, dtype, with_adapter=with_adapter)
     return m, tok, r

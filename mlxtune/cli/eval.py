@@ -1,4 +1,8 @@
-"""`mlxtune eval`: score a split and generate for it, one model or base vs base + adapter; print the summary."""
+"""`mlxtune eval`: score a split and generate for it, one model or base vs base + adapter; print the summary.
+
+--out follows fsio.check_output (never an input; an existing non-empty dir only with --force), except that a
+previous report dir of eval's own (nothing in it but report files) is rewritten in place.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ def register(sub: Any) -> None:
     p.add_argument("--model", help="base model: a HF model dir or a .gguf file (default: from --adapter's run dir)")
     p.add_argument("--adapter", help="an adapter dir or a training run dir (its config.yaml supplies model and data)")
     p.add_argument("--data", help="a data file (all of it is evaluated) or a dir with train/valid/test files (default: the run's data)")
-    p.add_argument("--split", default="test", choices=("train", "valid", "test"), help="which split of a data dir (default test)")
+    p.add_argument("--split", default=None, choices=("train", "valid", "test"),
+                   help="which split (default: test, else the run's validation split, said in the output)")
     p.add_argument("--max-examples", type=int, default=None, help="evaluate only the first N examples")
     p.add_argument("--max-tokens", type=int, default=256, help="most new tokens per generation (default 256)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per batch for scoring and generation (default 8)")
@@ -33,11 +38,30 @@ def register(sub: Any) -> None:
     p.add_argument("--report-to", default="", metavar="TRACKERS",
                    help="also log the report to tensorboard and/or wandb (comma list), into the run's tracker runs")
     p.add_argument("--out", required=True, help="report dir (report.md, report.json, generations.jsonl, metrics.png)")
+    p.add_argument("--force", action="store_true", help="write into an existing non-empty --out that is not an eval report dir")
     p.set_defaults(func=cmd_eval)
 
 
-def _progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+def _is_report_dir(out: Path) -> bool:
+    from ..eval.report import REPORT_FILES
+
+    if not out.is_dir() or out.is_symlink() or not (out / "report.json").is_file():
+        return False
+    return all(p.name in REPORT_FILES or p.name.startswith(".") for p in out.iterdir())
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """--out before anything loads: not a file, not an input, and not someone else's non-empty dir (--force)."""
+    from ..fsio import check_output
+
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {args.out[:60]}: exists and is not a directory; --out names a report dir")
+    inputs = [args.model, args.data]
+    if args.adapter:  # the adapter's files: a report dir inside the run dir (RUN/eval) is fine
+        a = Path(args.adapter).expanduser()
+        inputs += [a / f for f in ("adapters.safetensors", "adapter_config.json", "config.yaml")] if a.is_dir() else [a]
+    check_output(out, inputs=inputs, force=args.force or _is_report_dir(out))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -46,8 +70,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.model is None and args.adapter is None:
         raise ConfigError("pass --model PATH (and --data), or --adapter RUN_DIR of a training run")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ConfigError(f"--out {args.out}: exists and is not a directory")
+    _check_out(args)
+    from ..eval.progress import stderr_log
     from ..trackers import check_trackers, log_eval_report
 
     report_to = [s.strip() for s in (args.report_to or "").split(",") if s.strip()]
@@ -55,7 +79,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = evaluate(args.model, None, args.data, args.adapter, split=args.split, max_examples=args.max_examples,
                       max_tokens=args.max_tokens, batch_size=args.batch_size, compare=args.compare,
                       generate=not args.no_generate, bertscore_model=args.bertscore_model, n_samples=args.samples,
-                      out=args.out, log=_progress)
+                      out=args.out, log=stderr_log)
     print(summary(report))
     if report_to:
         from ..generation import find_run_config

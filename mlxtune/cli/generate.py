@@ -27,15 +27,17 @@ def register(sub: Any) -> None:
     from ..chat_repl import CHAT_HELP
 
     p = sub.add_parser("generate", help="generate a completion for one prompt (streamed)",
-                       description="Generate a completion for one prompt, streamed to stdout; tokens/s on stderr.")
+                       description="Generate a completion for one prompt, streamed to stdout; tokens/s on stderr. The prompt is "
+                                   "rendered with the template the --adapter run was trained with (data.template), "
+                                   "else the model's chat template.")
     _add_model_args(p)
     p.add_argument("--prompt", required=True, help="the prompt ('-' reads it from stdin)")
-    p.add_argument("--raw", action="store_true", help="use the prompt as plain text, without the chat template")
+    p.add_argument("--raw", action="store_true", help="use the prompt as plain text, without a template")
     _add_sampling_args(p, 256)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat (streamed)",
-                       description=f"Interactive chat under the model's chat template. {CHAT_HELP}")
+                       description=f"Interactive chat under the run's template (without a run: the model's chat template). {CHAT_HELP}")
     _add_model_args(p)
     _add_sampling_args(p, 512)
     p.set_defaults(func=cmd_chat)
@@ -47,18 +49,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     check_sampling(args.max_tokens, args.temperature, args.top_p, flags=True)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tok, _ = load_for_inference(args.model, args.adapter, args.dtype)
+    model, tok, r = load_for_inference(args.model, args.adapter, args.dtype)
     raw = args.raw
-    if not raw and not has_chat_template(tok):
+    if not raw and r.style is None and not has_chat_template(tok):
         print("note: the tokenizer has no chat template; using the prompt as plain text (--raw)", file=sys.stderr)
         raw = True
     last = None
     for last in stream(model, tok, prompt, args.max_tokens, args.temperature, args.top_p, seed=args.seed,
-                       system=args.system, raw=raw):
+                       system=args.system, raw=raw, style=r.style):
         sys.stdout.write(last.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
+    if last is not None and last.finish_reason == "length":
+        print(f"[cut at {last.generation_tokens} tokens: --max-tokens]", file=sys.stderr)
     if last is not None:
         print(f"[prompt {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | "
               f"{last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | stop: {last.finish_reason}]",
@@ -72,11 +76,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from ..generation import check_sampling, load_for_inference
 
     check_sampling(args.max_tokens, args.temperature, args.top_p, flags=True)
-    model, tok, _ = load_for_inference(args.model, args.adapter, args.dtype)
+    model, tok, r = load_for_inference(args.model, args.adapter, args.dtype)
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
     chat(model, tok, system=args.system, max_tokens=args.max_tokens, temperature=args.temperature,
-         top_p=args.top_p, seed=args.seed)
+         top_p=args.top_p, seed=args.seed, style=r.style)
     return 0

@@ -16,12 +16,14 @@ from .metrics import (
     predict,
     text_metrics,
 )
+from .heldout import DataPlan, plan_data
 from .report import METRICS, evaluate, load_examples, summary, write_report
 from .scoring import bits_per_byte, bpb_fields, loss_fields, nll_sums, perplexity, score, special_token_ids, token_nll
 
 __all__ = [
     "BERTSCORE_ENV",
     "METRICS",
+    "DataPlan",
     "GenExample",
     "bertscore",
     "bits_per_byte",
@@ -33,6 +35,7 @@ __all__ = [
     "loss_fields",
     "nll_sums",
     "perplexity",
+    "plan_data",
     "predict",
     "score",
     "special_token_ids",

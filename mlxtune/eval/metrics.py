@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import mlx.nn as nn
 
@@ -114,11 +114,13 @@ def bertscore(predictions: Sequence[str], references: Sequence[str], scorer_mode
 
 
 def predict(model: nn.Module, tokenizer: Any, gen_examples: Sequence[GenExample], *, max_tokens: int = 256,
-            batch_size: int = 8, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[str]:
-    """Batched completions of the examples' prompts, decoded (special tokens dropped) and trimmed."""
+            batch_size: int = 8, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+            on_batch: Optional[Callable[[int], None]] = None) -> list[str]:
+    """Batched completions of the examples' prompts, decoded (special tokens dropped) and trimmed;
+    `on_batch(n)` after each batch of n prompts (progress)."""
     tok = unwrap(tokenizer)
     outs = generate_batch(model, tokenizer, [g.prompt_ids for g in gen_examples], max_tokens, temperature, top_p,
-                          seed=seed, batch_size=batch_size)
+                          seed=seed, batch_size=batch_size, on_batch=on_batch)
     return [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
 
 
