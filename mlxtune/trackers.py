@@ -11,10 +11,10 @@ The trainer runs callbacks on process 0 only, so a data-parallel run reports onc
 
 Resuming never duplicates a step, even after a SIGKILL, because metrics.jsonl is the source of truth and the
 trackers' own files are not (a killed process loses what TensorBoard's writer and W&B's service still buffered):
-- TensorBoard (event files in RUN/tensorboard, written with tensorboardX): a resumed session starts with a purge
-  marker at step 1, so TensorBoard drops what earlier sessions logged at steps >= 1 (the config text at step 0
-  stays), and replays the run's metrics.jsonl up to the resumed step before logging live records. A fresh run
-  purges from step 0.
+- TensorBoard (event files in RUN/tensorboard, written with tensorboardX): every session starts with a purge
+  marker at step 0, so TensorBoard drops what earlier sessions logged; a resumed one logs the config text again
+  and replays the run's metrics.jsonl up to the resumed step (from the base model's step-0 validation) before
+  logging live records.
 - W&B: the run id and each session's offline dir and last step live in RUN/wandb.json, so a resumed run
   continues the same W&B run (`resume="allow"`). A session that never finished (killed) left an offline dir
   that may hold any prefix of its records: it is deleted, and the records after the last finished session's
@@ -201,11 +201,10 @@ class TensorBoardTracker(_Tracker):
         if not _info(info, "is_main", True):
             return  # the trainer calls callbacks on process 0 only; this guards other drivers
         start = int(_info(info, "start_step", 0) or 0)
-        self.writer = _tb_writer(self.run_dir, purge_step=1 if start > 0 else 0)
-        if start == 0:  # a resumed session keeps the first one's (step 0 is not purged)
-            config = plain(_info(info, "config") or {})
-            self.writer.add_text("config", _code_block(yaml.safe_dump(config, sort_keys=False)), 0)
-        for record in read_metrics(self.run_dir, 0, start) if start > 0 else []:
+        self.writer = _tb_writer(self.run_dir, purge_step=0)  # a killed session may not have flushed step 0
+        config = plain(_info(info, "config") or {})
+        self.writer.add_text("config", _code_block(yaml.safe_dump(config, sort_keys=False)), 0)
+        for record in read_metrics(self.run_dir, -1, start) if start > 0 else []:
             self._log(record)
 
     def _log(self, record: Mapping[str, Any]) -> None:
@@ -255,8 +254,8 @@ class WandbTracker(_Tracker):
         self.project = project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT
         self.run = None
         self.state: dict = {}
-        self.floor = 0
-        self.step = 0
+        self.floor = -1  # the last step already in W&B (step 0: the base model's validation)
+        self.step = -1
 
     # -- the W&B run and RUN/wandb.json
 
@@ -359,7 +358,7 @@ def _drop_unfinished(run_dir: Path, state: dict) -> int:
         if session.get("offline") and path.parent == wandb_dir and path.name.startswith("offline-run-"):
             shutil.rmtree(path, ignore_errors=True)
     state["sessions"] = kept
-    return max((int(s.get("last_step", 0)) for s in kept), default=0)
+    return max((int(s.get("last_step", -1)) for s in kept), default=-1)
 
 
 def _relative(path: PathLike, root: Path) -> str:

@@ -23,9 +23,12 @@ pytest.importorskip("wandb")
 
 
 def _records(steps, offset=0.0):
-    """Training records for `steps` (and a validation record every 3rd step), as the trainer makes them."""
+    """Training records for `steps` (and a validation record every 3rd step, and at step 0 before step 1: the base
+    model's), as the trainer makes them."""
     out = []
     for s in steps:
+        if s == 1:
+            out.append({"step": 0, "val_loss": 2.6 + offset, "val_ppl": 13.5, "val_tokens": 164})
         out.append({"step": s, "epoch": s / 10, "train_loss": 3.0 - 0.1 * s + offset, "lr": 1e-3 / s,
                     "grad_norm": 0.5 + s, "tokens_per_sec": 100.0 * s, "trained_tokens": 64.0 * s,
                     "peak_memory_gb": 0.1, "rss_gb": 0.7})
@@ -177,7 +180,12 @@ def test_clean_resume_continues_the_same_runs(tmp_path):
     acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
     acc.Reload()
     assert [e.step for e in acc.Images("loss_curve")] == [6]
-    config = acc.Tensors("config/text_summary")
+    # the text as TensorBoard's UI reads it (its plugin accumulator, whose purge covers text too): once
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator as PluginAccumulator
+
+    ui = PluginAccumulator(str(run / "tensorboard"), size_guidance={"tensors": 0})
+    ui.Reload()
+    config = ui.Tensors("config/text_summary")
     assert [e.step for e in config] == [0] and b"rank: 4" in config[0].tensor_proto.string_val[0]
     assert wandb_history(run)[6]["loss_curve._type"] == "image-file"
 
