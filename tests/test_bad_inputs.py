@@ -21,6 +21,7 @@ for _f in sorted(Path(__file__).parent.glob("bad_cases_*.py")):
     importlib.import_module(_f.stem)
 
 
+@pytest.mark.timeout(30)  # no case may hang: 30 s at most, whatever the input (a FIFO, /dev/zero, an alias bomb)
 @pytest.mark.parametrize("build, expect", CASES)
 def test_bad_input(build, expect, base, tmp_path, capsys):
     from mlxtune.cli import main
