@@ -18,7 +18,6 @@ import dataclasses
 import datetime
 import math
 import os
-import stat
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -799,8 +798,9 @@ def _yaml_value(raw: str, key: str) -> Any:
 
 def _short_path(path: Path, limit: int = 100) -> str:
     """A path for a message: its end (where the name is) cut to `limit`, control characters as '?'."""
-    s = str(path)
-    return _cut(s if len(s) <= limit else "..." + s[-(limit - 3):], limit)
+    from .fsio import short_path
+
+    return _cut(short_path(path, limit), limit)
 
 
 def _read_config_text(path: Path) -> str:
@@ -812,10 +812,13 @@ def _read_config_text(path: Path) -> str:
         raise ConfigError(f"{name}: config file not found") from None
     except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
         raise ConfigError(f"{name}: cannot read the config ({getattr(e, 'strerror', None) or e})") from None
-    if stat.S_ISDIR(st.st_mode):
+    from .fsio import file_kind
+
+    kind = file_kind(st.st_mode)
+    if kind == "a directory":
         raise ConfigError(f"{name}: is a directory, not a YAML config file; pass the .yaml file itself (see configs/)")
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"{name}: is not a regular file (a pipe, device or socket); pass a .yaml file")
+    if kind is not None:
+        raise ConfigError(f"{name}: is not a regular file ({kind}); pass a .yaml file")
     if st.st_size > MAX_CONFIG_BYTES:
         raise ConfigError(f"{name}: {st.st_size} bytes is too large for a config (at most {MAX_CONFIG_BYTES}); "
                           f"pass the .yaml config, not a data or model file")

@@ -21,6 +21,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -173,6 +174,18 @@ def _check_free(path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # The one rule for every --out
+
+
+_SPECIAL_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                  (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def file_kind(mode: int) -> Optional[str]:
+    """None for a regular file (`os.stat(path).st_mode`), else what it is ("a directory", "a FIFO (named pipe)", ...):
+    the one check before reading a user's file, made without opening it (a FIFO would block, a device never end)."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in _SPECIAL_KINDS if test(mode)), "not a regular file")
 
 
 def short_path(path: Any, n: int = 60) -> str:

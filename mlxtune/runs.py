@@ -22,6 +22,7 @@ import yaml
 
 from .config import TEMPLATE_CHOICES, Config, load_config
 from .errors import ConfigError, ModelLoadError
+from . import fsio
 from .fsio import write_bytes
 from .hub import is_hub_id
 
@@ -34,7 +35,7 @@ PATH_FIELDS = (("model", "path"), ("data", "train"), ("data", "valid"), ("data",
 
 def _short(s: str, n: int = 60) -> str:
     """A path for a message, cut to `n` characters keeping its end (where the name is)."""
-    return s if len(s) <= n else "..." + s[-(n - 3):]
+    return fsio.short_path(s, n)
 
 
 def _is_path_value(section: str, key: str, value: Any) -> bool:

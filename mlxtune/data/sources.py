@@ -19,10 +19,10 @@ import codecs
 import json
 import os
 import re
-import stat
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from .. import fsio
 from ..config import DataConfig
 from ..errors import DataError, did_you_mean
 from ..hub import DATA_FILES, is_hub_id
@@ -36,14 +36,11 @@ MAX_RECORD_BYTES = 64 << 20
 "The largest record (a JSONL line, a JSON list element) read: 64 MiB, far above any trainable record."
 CHUNK_BYTES = 1 << 20
 PARQUET_BATCH_ROWS = 256
-_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
 def short_path(path: Any, n: int = 80) -> str:
-    """A path for a message, cut to `n` characters (keeping the end, where the name is)."""
-    s = os.fspath(path)
-    return s if len(s) <= n else "..." + s[-(n - 3):]
+    """A path for a message, cut to `n` characters (keeping the end, where the name is): fsio.short_path."""
+    return fsio.short_path(path, n)
 
 
 def check_data_file(path: str | os.PathLike) -> Path:
@@ -56,8 +53,8 @@ def check_data_file(path: str | os.PathLike) -> Path:
         raise DataError(f"{short_path(p)}: no such file") from None
     except OSError as e:
         raise DataError(f"{short_path(p)}: cannot read it ({e.strerror or type(e).__name__})") from None
-    if not stat.S_ISREG(st.st_mode):
-        kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "not a regular file")
+    kind = fsio.file_kind(st.st_mode)
+    if kind is not None:
         raise DataError(f"{short_path(p)}: is {kind}, not a data file; point at a regular JSONL, JSON or Parquet file")
     if p.suffix.lower() in CSV_SUFFIXES:
         raise DataError(f"{short_path(p)}: {CSV_REFUSED} (e.g. pandas: df.to_json('train.jsonl', orient='records', "
