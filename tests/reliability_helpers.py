@@ -109,3 +109,31 @@ def mlxtune_proc(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
     e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "mlxtune", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=e, cwd=ROOT, **kw)
+
+
+def small_run_inputs(root: Path, n_train: int = 40, n_valid: int = 6) -> tuple[Path, Path, Path]:
+    """(root, model dir, data dir with train.jsonl of `n_train` and valid.jsonl of `n_valid` alpaca records)."""
+    model = make_small_model_dir(root / "model")
+    data = root / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("\n".join(alpaca_lines(n_train)) + "\n")
+    (data / "valid.jsonl").write_text("\n".join(alpaca_lines(n_valid, seed=1)) + "\n")
+    return root, model, data
+
+
+def slow_cli_script(delay: float) -> str:
+    """`python -c` source running the real CLI with every fsio.fsync_file slowed by `delay` seconds (test-side only),
+    so that a test can catch a command while it holds its output or its run dir."""
+    return f"""
+import sys, time
+import mlxtune.fsio as fsio
+_fsync = fsio.fsync_file
+def fsync(path):
+    _fsync(path)
+    time.sleep({delay})
+fsio.fsync_file = fsync
+from mlxtune.cli import main
+sys.argv = ["mlxtune"] + sys.argv[1:]
+main()
+"""
+

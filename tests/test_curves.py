@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from reliability_helpers import alpaca_lines, make_small_model_dir, run_config
+from reliability_helpers import run_config, small_run_inputs
 
 from mlxtune.callbacks import Callback, plot_loss, read_curves, smooth, smoothing_half_window
 
@@ -20,11 +20,7 @@ from mlxtune.callbacks import Callback, plot_loss, read_curves, smooth, smoothin
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("curves")
-    model = make_small_model_dir(root / "model")
-    data = root / "data"
-    data.mkdir()
-    (data / "train.jsonl").write_text("\n".join(alpaca_lines(24)) + "\n")
-    (data / "valid.jsonl").write_text("\n".join(alpaca_lines(6, seed=1)) + "\n")
+    root, model, data = small_run_inputs(root, 24, 6)
     only_train = root / "only_train"
     only_train.mkdir()
     (only_train / "train.jsonl").write_text((data / "train.jsonl").read_text())

@@ -26,20 +26,9 @@ import mlx.core as mx
 import pytest
 
 from bad_inputs_lib import base  # noqa: F401  (the module-scoped fixture: a small model, data, a finished run)
-from reliability_helpers import ROOT, run_config, write_yaml
+from reliability_helpers import ROOT, run_config, slow_cli_script, write_yaml
 
-SLOW = """
-import sys, time
-import mlxtune.fsio as fsio
-_fsync = fsio.fsync_file
-def fsync(path):
-    _fsync(path)
-    time.sleep(0.15)
-fsio.fsync_file = fsync
-from mlxtune.cli import main
-sys.argv = ["mlxtune"] + sys.argv[1:]
-main()
-"""
+SLOW = slow_cli_script(0.15)
 TEMP = re.compile(r"\.tmp-(\d+)-")
 COMMANDS = ("train", "fuse", "export", "eval", "convert")
 

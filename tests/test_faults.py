@@ -29,7 +29,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from reliability_helpers import ROOT, alpaca_lines, make_small_model_dir, run_config, write_yaml
+from reliability_helpers import ROOT, run_config, small_run_inputs, write_yaml
 
 ROUNDS = int(os.environ.get("MLXTUNE_FAULT_ROUNDS", "3"))
 SEED = int(os.environ.get("MLXTUNE_FAULT_SEED", "0"))
@@ -61,11 +61,7 @@ WRITE_DELAY = 0.05  # seconds per file write and per fsync: a checkpoint write t
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
-    model = make_small_model_dir(root / "model")
-    data = root / "data"
-    data.mkdir()
-    (data / "train.jsonl").write_text("\n".join(alpaca_lines(40)) + "\n")
-    (data / "valid.jsonl").write_text("\n".join(alpaca_lines(6, seed=1)) + "\n")
+    root, model, data = small_run_inputs(root, 40, 6)
     return root, model, data
 
 

@@ -19,22 +19,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from reliability_helpers import ROOT, alpaca_lines, make_small_model_dir, run_config, write_yaml
+from reliability_helpers import ROOT, run_config, slow_cli_script, small_run_inputs, write_yaml
 
 # The first process: the real CLI with each fsync slowed down (test-side only), so that it holds the run dir for
 # several seconds while the second one starts.
-SLOW = """
-import sys, time
-import mlxtune.fsio as fsio
-_fsync = fsio.fsync_file
-def fsync(path):
-    _fsync(path)
-    time.sleep(0.1)
-fsio.fsync_file = fsync
-from mlxtune.cli import main
-sys.argv = ["mlxtune"] + sys.argv[1:]
-main()
-"""
+SLOW = slow_cli_script(0.1)
 STEPS = 6
 
 
@@ -42,11 +31,7 @@ STEPS = 6
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("ownership")
     os.environ["MLXTUNE_CACHE"] = str(root / "cache")
-    model = make_small_model_dir(root / "model")
-    data = root / "data"
-    data.mkdir()
-    (data / "train.jsonl").write_text("\n".join(alpaca_lines(24)) + "\n")
-    (data / "valid.jsonl").write_text("\n".join(alpaca_lines(4, seed=1)) + "\n")
+    root, model, data = small_run_inputs(root, 24, 4)
     yield root, model, data
     del os.environ["MLXTUNE_CACHE"]
 

@@ -27,7 +27,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from reliability_helpers import ROOT, alpaca_lines, make_small_model_dir, run_config
+from reliability_helpers import ROOT, make_small_model_dir, run_config, small_run_inputs
 
 from mlxtune.callbacks import Callback
 from mlxtune.checkpoint import RunDir, latest_checkpoint, list_checkpoints, load_checkpoint, recover_run
@@ -39,11 +39,7 @@ WALL_CLOCK = ("tokens_per_sec", "trained_tokens_per_sec", "peak_memory_gb", "rss
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    model = make_small_model_dir(root / "model")
-    data = root / "data"
-    data.mkdir()
-    (data / "train.jsonl").write_text("\n".join(alpaca_lines(40)) + "\n")
-    (data / "valid.jsonl").write_text("\n".join(alpaca_lines(6, seed=1)) + "\n")
+    root, model, data = small_run_inputs(root, 40, 6)
     return root, model, data
 
 
