@@ -161,6 +161,20 @@ def launched(tmp_path_factory, assets, refs):
     return {"where": where, "results": results, "out": out, "seconds": time.perf_counter() - t}
 
 
+def _wait_for_lock_holder_to_die(run: Path, timeout: float = 30.0) -> None:
+    """After kill -9 of the launcher's process group, its processes take a moment to be gone: wait for the run lock's
+    holder to die (as a user re-running the command would), so that --resume sees a stale lock, not a live one."""
+    from mlxtune import fsio
+
+    lock = run / ".mlxtune-run.lock"
+    if not lock.exists():
+        return
+    pid = int(json.loads(lock.read_text())["pid"])
+    deadline = time.time() + timeout
+    while fsio.pid_alive(pid) and time.time() < deadline:
+        time.sleep(0.05)
+
+
 def _adapter(path: Path) -> dict:
     return {k: np.array(v) for k, v in mx.load(str(path)).items()}
 
@@ -251,6 +265,7 @@ def test_killed_two_process_run_resumes_with_one(tmp_path, assets, refs):
         time.sleep(0.02)
     os.killpg(p.pid, signal.SIGKILL)  # the launcher and both processes
     out, _ = p.communicate(timeout=30)
+    _wait_for_lock_holder_to_die(run)
     assert not (run / "adapters.safetensors").exists()
     assert out.count("LoRA rank 4") == 1 and out.count("over 2 processes") == 1, out
     assert out.count("step 1/4 |") == 1, out  # reports come from process 0 only
