@@ -148,12 +148,14 @@ def pid_alive(pid: int) -> bool:
         return False
     except OSError:  # EPERM: alive, someone else's
         return True
-    try:  # a killed process whose parent has not reaped it yet (a zombie) still answers os.kill: it is dead
-        import psutil
+    import psutil  # a dependency; imported here to keep `import mlxtune.fsio` light
 
+    try:  # a killed process whose parent has not reaped it yet (a zombie) still answers os.kill: it is dead
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except Exception:  # NoSuchProcess: gone meanwhile; AccessDenied or no psutil: trust os.kill
-        return not isinstance(sys.exc_info()[1], getattr(sys.modules.get("psutil"), "NoSuchProcess", ()))
+    except psutil.NoSuchProcess:  # gone meanwhile
+        return False
+    except psutil.Error:  # AccessDenied: trust os.kill
+        return True
 
 
 def _fsync_tree(root: Path) -> None:

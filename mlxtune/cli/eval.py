@@ -43,11 +43,10 @@ def register(sub: Any) -> None:
 
 
 def _is_report_dir(out: Path) -> bool:
-    from ..eval.report import REPORT_FILES
+    """A previous report of eval's own: report.json and nothing but report files."""
+    from ..eval.report import holds_only_reports
 
-    if not out.is_dir() or out.is_symlink() or not (out / "report.json").is_file():
-        return False
-    return all(p.name in REPORT_FILES or p.name.startswith(".") for p in out.iterdir())
+    return (out / "report.json").is_file() and holds_only_reports(out)
 
 
 def _check_out(args: argparse.Namespace) -> None:

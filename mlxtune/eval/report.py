@@ -237,6 +237,12 @@ REPORT_FILES = frozenset({"report.json", "report.md", "generations.jsonl", "metr
 "What eval writes into --out (a dir holding only these, with report.json, is a previous report)."
 
 
+def holds_only_reports(out: Path) -> bool:
+    """A real dir (not a symlink) holding nothing but eval's report files (and hidden temps)."""
+    return (out.is_dir() and not out.is_symlink()
+            and all(p.name in REPORT_FILES or p.name.startswith(".") for p in out.iterdir()))
+
+
 def write_report(report: dict, out: Union[str, os.PathLike], rows: Optional[list[dict]] = None) -> list[Path]:
     """Write report.json, report.md, generations.jsonl (every generation) and, for a comparison, metrics.png (each
     metric, base vs tuned). A new dir, or one holding only a previous report, is written as one directory swap (a
@@ -253,8 +259,7 @@ def write_report(report: dict, out: Union[str, os.PathLike], rows: Optional[list
     if rows is not None:
         files["generations.jsonl"] = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
     files["report.json"] = (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode()  # last: the marker
-    ours = not out.exists() or (out.is_dir() and not out.is_symlink() and
-                                all(p.name in REPORT_FILES or p.name.startswith(".") for p in out.iterdir()))
+    ours = not out.exists() or holds_only_reports(out)
     if ours:
         with atomic_dir(out, overwrite=True) as tmp:
             for name, data in files.items():
